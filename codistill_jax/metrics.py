@@ -1,0 +1,124 @@
+"""Evaluation metrics (device-side sums, host-side summaries) and the writer.
+
+Eval batches are padded; every device-side metric is a weighted *sum* so that
+batches can be added up on the host and divided once at the end. AUC needs all
+predictions, so binary tasks also return per-example probabilities.
+"""
+
+import json
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from codistill_jax import losses
+
+
+def eval_metrics_fn(task_loss: str):
+  """Returns `metrics_fn(logits, batch) -> dict` of sums for `eval_step`."""
+
+  def softmax_metrics(logits, batch):
+    labels, w = batch["labels"], batch["weights"]
+    xent = losses.softmax_xent(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return {"loss_sum": jnp.sum(xent * w), "correct_sum": jnp.sum(correct * w),
+            "weight_sum": jnp.sum(w)}
+
+  def sigmoid_metrics(logits, batch):
+    labels, w = batch["labels"], batch["weights"]
+    return {"loss_sum": jnp.sum(losses.sigmoid_xent(logits, labels) * w),
+            "weight_sum": jnp.sum(w),
+            "probs": jax.nn.sigmoid(logits.astype(jnp.float32))}
+
+  return {"softmax_xent": softmax_metrics,
+          "sigmoid_xent": sigmoid_metrics}[task_loss]
+
+
+class EvalAccumulator:
+  """Adds up per-batch eval outputs on the host; `summary()` gives metrics."""
+
+  def __init__(self, task_loss: str):
+    self.task_loss = task_loss
+    self.sums: dict[str, float] = {}
+    self.probs, self.labels, self.weights = [], [], []
+
+  def add(self, out: Mapping[str, Any], batch: Mapping[str, Any]):
+    out = jax.device_get(out)
+    for k, v in out.items():
+      if k.endswith("_sum"):
+        self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    if "probs" in out:
+      self.probs.append(np.asarray(out["probs"]).reshape(-1))
+      self.labels.append(np.asarray(batch["labels"]).reshape(-1))
+      self.weights.append(np.asarray(batch["weights"]).reshape(-1))
+
+  def summary(self) -> dict[str, float]:
+    n = max(self.sums.get("weight_sum", 0.0), 1e-12)
+    loss = self.sums["loss_sum"] / n
+    if self.task_loss == "sigmoid_xent":
+      probs, labels, weights = (np.concatenate(a) for a in
+                                (self.probs, self.labels, self.weights))
+      keep = weights > 0
+      return {"log_loss": loss, "auc": auc(labels[keep], probs[keep])}
+    res = {"loss": loss, "accuracy": self.sums["correct_sum"] / n}
+    res["perplexity"] = float(np.exp(min(loss, 50.0)))
+    return res
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+  """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+  labels = np.asarray(labels) > 0.5
+  n_pos, n_neg = labels.sum(), (~labels).sum()
+  if n_pos == 0 or n_neg == 0:
+    return float("nan")
+  order = np.argsort(scores, kind="mergesort")
+  sorted_scores = np.asarray(scores)[order]
+  ranks = np.empty(len(scores), np.float64)
+  # Average rank over each run of tied scores.
+  _, first, counts = np.unique(sorted_scores, return_index=True,
+                               return_counts=True)
+  avg = first + (counts + 1) / 2.0
+  ranks[order] = np.repeat(avg, counts)
+  u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0
+  return float(u / (n_pos * n_neg))
+
+
+class MetricWriter:
+  """TensorBoard events (tensorboardX) plus a JSONL file of every metric.
+
+  Only the process that is asked to write (process 0 of a job) writes; others
+  get a writer that does nothing, so callers need no branches.
+  """
+
+  def __init__(self, logdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      os.makedirs(logdir, exist_ok=True)
+      self._tb = SummaryWriter(logdir, flush_secs=10)
+      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+
+  def write(self, step: int, scalars: Mapping[str, Any]):
+    if not self.enabled:
+      return
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(),
+                                  **scalars}) + "\n")
+    self._jsonl.flush()
+
+  def close(self):
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """Reads a metrics.jsonl file written by `MetricWriter`."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]

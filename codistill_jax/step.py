@@ -1,0 +1,107 @@
+"""Pure, jittable step functions: init, train step, eval step, predict.
+
+Nothing here knows about files, meshes, data pipelines or configs: the trainer
+binds the model's apply function, the loss and the optimizer by closure and
+jits the result with explicit shardings. Users can do the same with their own
+Flax module and loss (README, `tests/test_step.py`).
+
+State is a plain pytree (`TrainState`). The dropout rng of step s is
+`fold_in(state.rng, s)`, so the random stream depends only on the step and a
+resumed run continues exactly.
+"""
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+Batch = dict[str, Any]
+# loss_fn(logits, batch) -> (scalar loss, dict of scalar metrics to log).
+LossFn = Callable[[jax.Array, Batch], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: number of updates applied so far.
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32[2] raw key, so checkpoints hold it as plain data.
+
+
+def init_state(model, tx: optax.GradientTransformation, rng: jax.Array,
+               example_inputs: Any) -> TrainState:
+  """Initialises params and optimizer state; wrap in jit(out_shardings=...)."""
+  init_rng, state_rng = jax.random.split(rng)
+  params = model.init(init_rng, example_inputs, train=False)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params), rng=state_rng)
+
+
+def make_loss_fn(task_loss: Callable[[jax.Array, jax.Array, jax.Array],
+                                     jax.Array]) -> LossFn:
+  """Adapts `task_loss(logits, labels, weights)` to the LossFn signature."""
+
+  def loss_fn(logits, batch):
+    loss = task_loss(logits, batch["labels"], batch["weights"])
+    return loss, {"task_loss": loss}
+
+  return loss_fn
+
+
+def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
+                    tx: optax.GradientTransformation,
+                    lr_fn: Callable[[jax.Array], jax.Array] | None = None):
+  """Returns `train_step(state, batch) -> (state, metrics)`.
+
+  Args:
+    apply_fn: `apply_fn(params, inputs, train=..., rngs=...) -> logits`, e.g. a
+      Flax module's `apply`.
+    loss_fn: `loss_fn(logits, batch) -> (loss, metrics)`.
+    tx: the optax optimizer.
+    lr_fn: optional schedule, only used to log the learning rate.
+  """
+
+  def train_step(state: TrainState, batch: Batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+
+    def objective(params):
+      logits = apply_fn(params, batch["inputs"], train=True,
+                        rngs={"dropout": rng})
+      return loss_fn(logits, batch)
+
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params), **aux}
+    if lr_fn is not None:
+      metrics["learning_rate"] = lr_fn(state.step)
+    new_state = state.replace(step=state.step + 1, params=params,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(apply_fn: Callable[..., jax.Array],
+                   metrics_fn: Callable[[jax.Array, Batch], dict[str, Any]]):
+  """Returns `eval_step(params, batch) -> metrics_fn(logits, batch)`."""
+
+  def eval_step(params, batch: Batch):
+    logits = apply_fn(params, batch["inputs"], train=False)
+    return metrics_fn(logits, batch)
+
+  return eval_step
+
+
+def make_predict(apply_fn: Callable[..., jax.Array], binary: bool):
+  """Returns `predict(params, inputs) -> probabilities` (deterministic)."""
+
+  def predict(params, inputs):
+    logits = apply_fn(params, inputs, train=False).astype(jnp.float32)
+    return jax.nn.sigmoid(logits) if binary else jax.nn.softmax(logits, -1)
+
+  return predict

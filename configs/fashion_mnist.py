@@ -1,0 +1,63 @@
+r"""Image classification on Fashion-MNIST (the paper's ImageNet workload).
+
+  python -m codistill_jax.main --config=configs/fashion_mnist.py \
+      --workdir=/tmp/fmnist
+
+Needs `apt-get install -y dataset-fashion-mnist` (see README).
+Args: `quick` (a few steps), `resnet` (small GroupNorm ResNet instead of the
+CNN).
+"""
+
+import ml_collections
+
+from codistill_jax import config_lib
+
+
+def get_config(arg=None):
+  arg = config_lib.parse_arg(arg, quick=False, resnet=False)
+  c = config_lib.base_config()
+  c.loss = "softmax_xent"
+
+  if arg.resnet:
+    c.model_name = "resnet"
+    c.model.stage_sizes = (1, 1, 1)
+    c.model.width = 16
+  else:
+    c.model_name = "cnn"
+    c.model.features = (32, 64)  # Channels of the two conv blocks.
+    c.model.hidden = 128  # Dense layer before the classifier.
+    c.model.dropout_rate = 0.1
+
+  c.data.name = "fashion_mnist"
+  c.data.path = "/usr/share/datasets/fashion-mnist"  # IDX .gz files.
+  c.data.validation_size = 5000  # Held out of the 60k training images.
+  c.data.batch_size = 128
+  c.data.eval_batch_size = 1000
+
+  c.optimizer.name = "adamw"
+  c.optimizer.learning_rate = 2e-3
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 100
+  c.optimizer.weight_decay = 1e-4
+
+  c.total_steps = 2000  # ~4.7 epochs of 55k images.
+  c.log_every = 100
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+
+  if arg.quick:
+    c.model_name = "cnn"
+    c.model = ml_collections.ConfigDict(
+        {"features": (8,), "hidden": 16, "dropout_rate": 0.1})
+    c.data.batch_size = 32
+    c.data.eval_batch_size = 1000
+    c.optimizer.warmup_steps = 0
+    c.total_steps = 10
+    c.log_every = 5
+    c.eval_every = 10
+    c.checkpoint_every = 5
+  return c
+
+
+def sweep():
+  return [{"optimizer.weight_decay": wd} for wd in (0.0, 1e-5, 1e-4)]
