@@ -38,3 +38,85 @@ def task_loss(name: str):
     return weighted_mean(per_example(logits, labels), weights)
 
   return loss
+
+
+# ----------------------------------------------------------------------------
+# Distillation.
+# ----------------------------------------------------------------------------
+DIVERGENCES = ("kl", "xent", "mse")
+
+
+def teacher_targets(teacher_logits: jax.Array, peer_weights: jax.Array,
+                    temperature: float, binary: bool):
+  """Averages peers: the target is the mean of peer *probabilities*.
+
+  Args:
+    teacher_logits: [n_peers, ...] logits of each peer on the student's batch.
+    peer_weights: [n_peers] >= 0; 0 for a peer that has published nothing yet.
+    temperature: softmax/sigmoid temperature T.
+    binary: one sigmoid logit per example instead of a softmax over classes.
+
+  Returns:
+    (mean probabilities, mean logits, has_teacher): gradients are stopped.
+  """
+  teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
+  scaled = teacher_logits / temperature
+  probs = jax.nn.sigmoid(scaled) if binary else jax.nn.softmax(scaled, -1)
+  total = jnp.sum(peer_weights)
+  w = peer_weights / jnp.maximum(total, 1e-12)
+  mean_probs = jnp.tensordot(w, probs, axes=1)
+  mean_logits = jnp.tensordot(w, teacher_logits, axes=1)
+  return mean_probs, mean_logits, total > 0
+
+
+def distill_divergence(student_logits: jax.Array, teacher_probs: jax.Array,
+                       teacher_logits: jax.Array, *, divergence: str,
+                       temperature: float, binary: bool) -> jax.Array:
+  """Per-example (per-token) D(teacher || student), summed over classes.
+
+  'kl' and 'xent' (soft cross-entropy) have the same gradient; both are scaled
+  by T^2 so that their gradient magnitude does not shrink with T. 'mse' is the
+  squared difference of logits (no temperature).
+  """
+  z = student_logits.astype(jnp.float32)
+  if divergence == "mse":
+    sq = jnp.square(z - teacher_logits)
+    return sq if binary else jnp.sum(sq, -1)
+  z = z / temperature
+  p = teacher_probs
+  if binary:
+    # Two-class distributions (p, 1-p) against (sigmoid z, 1 - sigmoid z).
+    xent = -(p * jax.nn.log_sigmoid(z) + (1 - p) * jax.nn.log_sigmoid(-z))
+    entropy = -(jax.scipy.special.xlogy(p, p) +
+                jax.scipy.special.xlogy(1 - p, 1 - p))
+  else:
+    xent = -jnp.sum(p * jax.nn.log_softmax(z, -1), -1)
+    entropy = -jnp.sum(jax.scipy.special.xlogy(p, p), -1)
+  per_example = xent - entropy if divergence == "kl" else xent
+  return per_example * temperature**2
+
+
+def alpha_schedule(alpha: float, burn_in_steps: int, ramp_steps: int = 0):
+  """alpha(step): 0 during burn-in, then a linear ramp to `alpha`."""
+
+  def fn(step):
+    after = jnp.asarray(step, jnp.float32) - burn_in_steps
+    ramp = jnp.clip((after + 1) / max(ramp_steps, 1), 0.0, 1.0)
+    return jnp.where(after >= 0, alpha * ramp, 0.0)
+
+  return fn
+
+
+def agreement(student_logits: jax.Array, teacher_probs: jax.Array,
+              weights: jax.Array, binary: bool) -> dict[str, jax.Array]:
+  """How close the student is to its teacher target on this batch.
+
+  Top-1 agreement for softmax outputs; mean |p_student - p_teacher| for one
+  sigmoid output (the CTR form of churn).
+  """
+  z = jax.lax.stop_gradient(student_logits.astype(jnp.float32))
+  if binary:
+    diff = jnp.abs(jax.nn.sigmoid(z) - teacher_probs)
+    return {"peer_abs_diff": weighted_mean(diff, weights)}
+  same = jnp.argmax(z, -1) == jnp.argmax(teacher_probs, -1)
+  return {"peer_agreement": weighted_mean(same.astype(jnp.float32), weights)}

@@ -10,12 +10,15 @@ State is a plain pytree (`TrainState`). The dropout rng of step s is
 resumed run continues exactly.
 """
 
+import dataclasses
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
+
+from codistill_jax import losses
 
 Batch = dict[str, Any]
 # loss_fn(logits, batch) -> (scalar loss, dict of scalar metrics to log).
@@ -50,10 +53,28 @@ def make_loss_fn(task_loss: Callable[[jax.Array, jax.Array, jax.Array],
   return loss_fn
 
 
+@flax.struct.dataclass
+class Teachers:
+  """Stale peer (or fixed teacher) parameters, stacked on a leading axis."""
+  params: Any  # Every leaf [n_teachers, ...].
+  weights: jax.Array  # [n_teachers]; 0 = this slot holds no teacher yet.
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill:
+  """How the distillation term is computed (static: bound by closure)."""
+  teacher_apply_fn: Callable[..., jax.Array]  # May be another architecture.
+  alpha_fn: Callable[[jax.Array], jax.Array]  # step -> weight of the term.
+  divergence: str = "kl"  # One of losses.DIVERGENCES.
+  temperature: float = 1.0
+  binary: bool = False  # One sigmoid logit per example (CTR).
+
+
 def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
                     tx: optax.GradientTransformation,
-                    lr_fn: Callable[[jax.Array], jax.Array] | None = None):
-  """Returns `train_step(state, batch) -> (state, metrics)`.
+                    lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+                    distill: Distill | None = None):
+  """Returns `train_step(state, batch, teachers=None) -> (state, metrics)`.
 
   Args:
     apply_fn: `apply_fn(params, inputs, train=..., rngs=...) -> logits`, e.g. a
@@ -61,15 +82,38 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
     loss_fn: `loss_fn(logits, batch) -> (loss, metrics)`.
     tx: the optax optimizer.
     lr_fn: optional schedule, only used to log the learning rate.
+    distill: if given, `teachers` (a `Teachers`) is required and the loss gets
+      `alpha(step) * D(mean teacher probabilities || student)`. The teachers
+      run deterministically (train=False) with stopped gradients, vmapped over
+      their stacked parameters inside this one program.
   """
 
-  def train_step(state: TrainState, batch: Batch):
+  def train_step(state: TrainState, batch: Batch,
+                 teachers: Teachers | None = None):
     rng = jax.random.fold_in(state.rng, state.step)
+    if distill is not None:
+      teacher_logits = jax.vmap(
+          lambda p: distill.teacher_apply_fn(p, batch["inputs"], train=False))(
+              teachers.params)
+      t_probs, t_logits, has_teacher = losses.teacher_targets(
+          teacher_logits, teachers.weights, distill.temperature,
+          distill.binary)
+      alpha = distill.alpha_fn(state.step) * has_teacher
 
     def objective(params):
       logits = apply_fn(params, batch["inputs"], train=True,
                         rngs={"dropout": rng})
-      return loss_fn(logits, batch)
+      loss, aux = loss_fn(logits, batch)
+      if distill is None:
+        return loss, aux
+      per_example = losses.distill_divergence(
+          logits, t_probs, t_logits, divergence=distill.divergence,
+          temperature=distill.temperature, binary=distill.binary)
+      d = losses.weighted_mean(per_example, batch["weights"])
+      aux = {**aux, "distill_loss": d, "alpha": alpha,
+             **losses.agreement(logits, t_probs, batch["weights"],
+                                distill.binary)}
+      return loss + alpha * d, aux
 
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)

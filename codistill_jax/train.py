@@ -103,6 +103,34 @@ def _check_finite(step: int, scalars: dict, last_saved: int | None, g: int):
         "config.optimizer.grad_clip_norm")
 
 
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A group's model, optimizer and abstract state, sharded on its mesh."""
+  model: Any
+  tx: Any
+  lr_fn: Callable
+  init_fn: Callable  # rng -> TrainState; jit it with out_shardings.
+  abstract: Any  # TrainState of ShapeDtypeStructs carrying the shardings.
+  state_sharding: Any
+
+
+def build(config: ml_collections.ConfigDict, datasets, mesh) -> Setup:
+  """Model, optimizer and state layout for `config` on `mesh` (no compute)."""
+  model = models_lib.build(config.model_name, config.model.to_dict(),
+                           datasets.info)
+  tx, lr_fn = optim.make_optimizer(config.optimizer, config.total_steps)
+  example = _example_inputs(next(iter(datasets.train(0))))
+  init_fn = functools.partial(step_lib.init_state, model, tx,
+                              example_inputs=example)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  state_sharding = mesh_lib.tree_shardings(
+      mesh, abstract, config.sharding.rules, config.sharding.fsdp_min_size)
+  abstract = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, state_sharding)
+  return Setup(model, tx, lr_fn, init_fn, abstract, state_sharding)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
   """Trains `config.num_groups` groups; returns the final eval metrics."""
   # --------------------------------------------------------------------------
@@ -131,20 +159,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
     datasets = data_module.get_datasets(
         config, group=g, num_groups=config.num_groups, process_index=proc,
         process_count=nproc)
-    model = models_lib.build(config.model_name, config.model.to_dict(),
-                             datasets.info)
-    tx, lr_fn = optim.make_optimizer(config.optimizer, config.total_steps)
-    example = _example_inputs(next(iter(datasets.train(0))))
+    setup = build(config, datasets, mesh)
+    model, tx, lr_fn = setup.model, setup.tx, setup.lr_fn
+    init_fn, abstract = setup.init_fn, setup.abstract
+    state_sharding = setup.state_sharding
     # Every group starts from its own seed; retrains differ in config.seed.
     rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), g)
-    init_fn = functools.partial(step_lib.init_state, model, tx,
-                                example_inputs=example)
-    abstract = jax.eval_shape(init_fn, rng)
-    state_sharding = mesh_lib.tree_shardings(
-        mesh, abstract, config.sharding.rules, config.sharding.fsdp_min_size)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        abstract, state_sharding)
     data_sharding = mesh_lib.batch_sharding(mesh)
     repl = mesh_lib.replicated(mesh)
 
@@ -242,10 +262,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
       stop = preemption.requested
       if is_time(done, config.checkpoint_every, total) or stop:
         for grp in groups:
-          # Never commit a non-finite state: check the newest loss first.
+          # Never commit a non-finite state: param_norm is of the new params.
           if grp.pending:
-            loss = float(jax.device_get(grp.pending[-1]["loss"]))
-            _check_finite(done, {"loss": loss}, grp.last_saved, grp.index)
+            newest = jax.device_get(grp.pending[-1])
+            _check_finite(done, {k: float(v) for k, v in newest.items()},
+                          grp.last_saved, grp.index)
           grp.checkpointer.save(done, grp.state)
           grp.last_saved = done
       if stop:

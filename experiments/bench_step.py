@@ -1,0 +1,116 @@
+r"""Step benchmark: compile time, step time, examples/s, forward/step ratio.
+
+For each workload's quick and default config, on one group of all visible
+devices (1 CPU device unless XLA_FLAGS says otherwise):
+
+  python experiments/bench_step.py [--steps=30] \
+      [--out=experiments/results/bench_step.json]
+
+`forward/step` is the time of one deterministic forward pass over the batch
+divided by the time of one train step; the codistillation overhead floor is
+`step * (1 + (G - 1) * forward/step)` for G groups.
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import numpy as np
+
+from codistill_jax import config_lib
+from codistill_jax import data as data_lib
+from codistill_jax import losses
+from codistill_jax import mesh as mesh_lib
+from codistill_jax import step as step_lib
+from codistill_jax import train
+
+_STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per config.")
+_OUT = flags.DEFINE_string("out", "experiments/results/bench_step.json",
+                           "Where to write the numbers (JSON).")
+_WORKLOADS = flags.DEFINE_list(
+    "workloads", ["flights", "fashion_mnist", "kernel_lm"],
+    "Config files under configs/ to benchmark.")
+
+
+def load_config(name: str, arg: str | None):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", name + ".py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def median_time(fn, n: int) -> float:
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def bench(config) -> dict:
+  config_lib.validate(config)
+  mesh = mesh_lib.make_mesh(jax.devices())
+  datasets = data_lib.get_module(config.data.name).get_datasets(
+      config, group=0, num_groups=1, process_index=0, process_count=1)
+  setup = train.build(config, datasets, mesh)
+  sharding = mesh_lib.batch_sharding(mesh)
+  batch = mesh_lib.shard_batch(next(iter(datasets.train(0))), sharding)
+  state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(
+      jax.random.PRNGKey(0))
+  loss_fn = step_lib.make_loss_fn(losses.task_loss(config.loss))
+  step_fn = jax.jit(
+      step_lib.make_train_step(setup.model.apply, loss_fn, setup.tx),
+      in_shardings=(setup.state_sharding, sharding), donate_argnums=(0,))
+  t = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t
+  forward = jax.jit(lambda p, x: setup.model.apply(p, x, train=False))
+
+  holder = [state]
+
+  def one_step():
+    holder[0], m = compiled(holder[0], batch)
+    return m["loss"]
+
+  for _ in range(3):  # Warm-up.
+    one_step()
+    forward(holder[0].params, batch["inputs"]).block_until_ready()
+  n = _STEPS.value
+  step_s = median_time(one_step, n)
+  fwd_s = median_time(lambda: forward(holder[0].params, batch["inputs"]), n)
+  n_params = sum(x.size for x in jax.tree.leaves(state.params))
+  return {"params": int(n_params), "batch": config.data.batch_size,
+          "compile_s": compile_s, "step_ms": 1e3 * step_s,
+          "examples_per_s": config.data.batch_size / step_s,
+          "forward_over_step": fwd_s / step_s}
+
+
+def main(argv):
+  del argv
+  results = {"devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+             "rows": []}
+  print(f"{'config':<24}{'params':>10}{'batch':>7}{'compile s':>11}"
+        f"{'step ms':>10}{'ex/s':>10}{'fwd/step':>10}")
+  for name in _WORKLOADS.value:
+    for arg in ("quick", None):
+      row = {"config": f"{name}:{arg or 'default'}",
+             **bench(load_config(name, arg))}
+      results["rows"].append(row)
+      print(f"{row['config']:<24}{row['params']:>10}{row['batch']:>7}"
+            f"{row['compile_s']:>11.2f}{row['step_ms']:>10.2f}"
+            f"{row['examples_per_s']:>10.0f}{row['forward_over_step']:>10.3f}",
+            flush=True)
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  with open(_OUT.value, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {_OUT.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)
