@@ -48,20 +48,52 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs)."""
-    try:
-      return self._mgr.restore(
-          step, args=ocp.args.StandardRestore(abstract_state))
-    except (ValueError, KeyError, TypeError) as e:
+    problem = mismatch(os.path.join(self._mgr.directory, str(step),
+                                    "default"), abstract_state)
+    if problem:
       raise ConfigError(
           f"checkpoint {self.directory}/{step} does not match this config's "
-          f"model/optimizer ({str(e).splitlines()[0][:200]}); use a fresh "
-          "--workdir") from None
+          f"model/optimizer ({problem}); use a fresh --workdir")
+    return self._mgr.restore(step,
+                             args=ocp.args.StandardRestore(abstract_state))
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()
 
   def close(self) -> None:
     self._mgr.close()
+
+
+def saved_shapes(item_dir: str) -> dict[str, tuple[int, ...]]:
+  """{'params.Dense_0.kernel': shape, ...} from a saved pytree's metadata."""
+  with ocp.PyTreeCheckpointer() as ckptr:
+    meta = ckptr.metadata(item_dir).item_metadata
+  return {m.name: tuple(m.shape) for m in jax.tree.leaves(meta)
+          if hasattr(m, "name")}
+
+
+def mismatch(item_dir: str, abstract_tree: Any, prefix: str = "") -> str | None:
+  """Describes the first difference between a checkpoint and a target tree.
+
+  Reads only metadata, so an incompatible checkpoint (another architecture,
+  another optimizer) is recognised before any array is read.
+  """
+  saved = saved_shapes(item_dir)
+  want = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]:
+    keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+            for k in path]
+    want[".".join(([prefix] if prefix else []) + keys)] = tuple(leaf.shape)
+  if prefix:
+    saved = {k: v for k, v in saved.items() if k.startswith(prefix + ".")}
+  for name in sorted(set(want) | set(saved)):
+    if name not in saved:
+      return f"{name} is missing from the checkpoint"
+    if name not in want:
+      return f"the checkpoint has {name}, which this model does not"
+    if saved[name] != want[name]:
+      return f"{name} has shape {saved[name]} there, {want[name]} here"
+  return None
 
 
 def find_step_dir(path: str) -> str:
@@ -88,28 +120,22 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   architecture gives a ConfigError naming the path.
   """
   step_dir = find_step_dir(path)
+  problem = mismatch(os.path.join(step_dir, "default"), abstract_params,
+                     prefix="params")
+  if problem:
+    raise ConfigError(f"config.init_checkpoint={path!r} holds another "
+                      f"architecture ({problem}); use a checkpoint of the "
+                      "same model")
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                      dtype=x.dtype), abstract_params)
-  try:
-    with ocp.PyTreeCheckpointer() as ckptr:
-      restored = ckptr.restore(
-          os.path.join(step_dir, "default"),
-          args=ocp.args.PyTreeRestore(
-              item={"params": abstract_params},
-              restore_args={"params": restore_args}, partial_restore=True))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ConfigError(
-        f"config.init_checkpoint={path!r} does not match this model "
-        f"({str(e).splitlines()[0][:200]}); use a checkpoint of the same "
-        "architecture") from None
-  params = restored["params"]
-  if jax.tree.structure(params) != jax.tree.structure(abstract_params) or any(
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(params),
-                                         jax.tree.leaves(abstract_params))):
-    raise ConfigError(f"config.init_checkpoint={path!r} holds another "
-                      "architecture; use a checkpoint of the same model")
-  return params
+  with ocp.PyTreeCheckpointer() as ckptr:
+    restored = ckptr.restore(
+        os.path.join(step_dir, "default"),
+        args=ocp.args.PyTreeRestore(
+            item={"params": abstract_params},
+            restore_args={"params": restore_args}, partial_restore=True))
+  return restored["params"]
 
 
 def _comparable(config: ml_collections.ConfigDict) -> dict:

@@ -7,6 +7,7 @@ raises `ConfigError` with a one-line message that names the field and the fix.
 
 import dataclasses
 import math
+import os
 
 import jax
 import ml_collections
@@ -59,7 +60,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding.rules = (("params/.*", "replicate"),)
   c.sharding.fsdp_min_size = 2**14  # Smaller parameters stay replicated.
 
-  c.num_groups = 1  # Copies of the model; 1 is synchronous data parallel.
+  # Codistillation (Anil et al. 2018): G copies exchange stale params.
+  c.codistill = ml_collections.ConfigDict()
+  c.codistill.num_groups = 1  # G; 1 (or alpha 0) is the sync baseline.
+  # 'peers': distil towards the other groups (codistillation); 'checkpoint':
+  # classic two-phase distillation from a trained teacher of any architecture.
+  c.codistill.teacher_source = "peers"
+  c.codistill.exchange_every = 50  # Steps between publish + reload of peers.
+  c.codistill.exchange_dir = ""  # '' = the workdir; NFS or gs:// paths work.
+  c.codistill.burn_in_steps = 0  # alpha = 0 before this step.
+  c.codistill.alpha = 1.0  # Weight of the distillation term after burn-in.
+  c.codistill.alpha_ramp_steps = 0  # Linear ramp of alpha after burn-in.
+  c.codistill.temperature = 1.0  # T; 'kl'/'xent' are scaled by T^2.
+  c.codistill.divergence = "kl"  # 'kl' | 'xent' (soft) | 'mse' (on logits).
+  c.codistill.teacher_dtype = "float32"  # 'bfloat16' halves teacher memory.
+  c.codistill.teacher_checkpoint = ""  # 'checkpoint': a run or step dir.
+  c.codistill.teacher_model_name = ""  # 'checkpoint': '' = model_name.
+  c.codistill.teacher_model = ml_collections.ConfigDict()  # Its kwargs.
   return c
 
 
@@ -83,19 +100,77 @@ def _check_keys(config, reference, prefix="config"):
     raise ConfigError(f"{prefix} has unknown field(s) {extra}; known: "
                       f"{sorted(reference)}")
   for k, v in reference.items():
-    if isinstance(v, ml_collections.ConfigDict) and k not in ("model", "data"):
+    if isinstance(v, ml_collections.ConfigDict) and k not in (
+        "model", "data", "teacher_model"):
       _check_keys(config[k], v, f"{prefix}.{k}")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
-  """Raises ConfigError naming the first problem; returns None if all is well."""
+def _check_codistill(cd: ml_collections.ConfigDict) -> None:
+  if cd.teacher_source not in ("peers", "checkpoint"):
+    raise ConfigError(f"config.codistill.teacher_source={cd.teacher_source!r} "
+                      "must be 'peers' or 'checkpoint'")
+  if cd.divergence not in losses.DIVERGENCES:
+    raise ConfigError(f"config.codistill.divergence={cd.divergence!r} is "
+                      f"unknown; use one of {losses.DIVERGENCES}")
+  if cd.teacher_dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"config.codistill.teacher_dtype={cd.teacher_dtype!r} "
+                      "must be 'float32' or 'bfloat16'")
+  for name in ("alpha", "temperature"):
+    value = cd[name]
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and
+            value >= 0 and (value > 0 or name == "alpha")):
+      raise ConfigError(f"config.codistill.{name}={value!r} must be a finite "
+                        f"{'non-negative' if name == 'alpha' else 'positive'} "
+                        "number")
+  if cd.burn_in_steps < 0 or cd.alpha_ramp_steps < 0:
+    raise ConfigError("config.codistill.burn_in_steps and alpha_ramp_steps "
+                      "must be >= 0")
+  if cd.teacher_source == "checkpoint" and not cd.teacher_checkpoint:
+    raise ConfigError("config.codistill.teacher_source='checkpoint' needs "
+                      "config.codistill.teacher_checkpoint=<run dir>")
+  if cd.teacher_checkpoint and "://" not in cd.teacher_checkpoint and (
+      not os.path.exists(cd.teacher_checkpoint)):
+    raise ConfigError(f"config.codistill.teacher_checkpoint="
+                      f"{cd.teacher_checkpoint}: no such directory")
+
+
+def _check_like(name: str, value, default) -> None:
+  """`value` must have the type of `default` (ints count as floats)."""
+  if default is None or callable(default) and not isinstance(default, type):
+    return
+  if isinstance(default, (tuple, list)):
+    if not isinstance(value, (tuple, list)):
+      raise ConfigError(f"{name}={value!r} must be a tuple like {default!r}")
+    for v in value:
+      for d in default[:1]:
+        _check_like(name, v, d)
+    return
+  kinds = (int, float) if isinstance(default, float) else (type(default),)
+  if isinstance(default, (int, float, str, bool)) and (
+      not isinstance(value, kinds) or
+      isinstance(value, bool) != isinstance(default, bool)):
+    raise ConfigError(f"{name}={value!r} must be a {type(default).__name__} "
+                      f"like the default {default!r}")
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
+             num_groups_here: int | None = None):
+  """Raises ConfigError naming the first problem; returns None if all is well.
+
+  Args:
+    config: the experiment config.
+    num_devices: devices of this job (default: jax.device_count()).
+    num_groups_here: groups this job runs (default: all of them).
+  """
   _check_keys(config, base_config())
   for k in base_config().data:
     if k not in config.data:
       raise ConfigError(f"config.data is missing field {k!r}")
   _check_positive(config, "total_steps", "log_every", "eval_every",
-                  "checkpoint_every", "num_groups", "data.batch_size",
+                  "checkpoint_every", "codistill.num_groups",
+                  "codistill.exchange_every", "data.batch_size",
                   "data.eval_batch_size")
+  _check_codistill(config.codistill)
   if config.keep_checkpoints < 3:
     raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints} must "
                       "be >= 3 so that a reader never loses a step it restores")
@@ -124,15 +199,19 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None):
   if unknown:
     raise ConfigError(f"config.model has unknown field(s) {unknown} for model "
                       f"{config.model_name!r}; valid: {sorted(fields)}")
+  for f in dataclasses.fields(model_cls):
+    if f.name in config.model and f.default is not dataclasses.MISSING:
+      _check_like(f"config.model.{f.name}", config.model[f.name], f.default)
   data_module = data_lib.get_module(config.data.name)
 
   # Divisibility: groups over devices, batches over a group's devices.
   num_devices = num_devices or jax.device_count()
-  if num_devices % config.num_groups:
+  groups_here = num_groups_here or config.codistill.num_groups
+  if num_devices % groups_here:
     raise ConfigError(
-        f"config.num_groups={config.num_groups} does not divide the "
-        f"{num_devices} devices; use a divisor of {num_devices}")
-  per_group = num_devices // config.num_groups
+        f"config.codistill.num_groups={config.codistill.num_groups} does not "
+        f"divide the {num_devices} devices; use a divisor of {num_devices}")
+  per_group = num_devices // groups_here
   for name in ("batch_size", "eval_batch_size"):
     value = config.data[name]
     if value % per_group:

@@ -9,6 +9,8 @@ one-line `error: ...` message and exit code 2, before anything is compiled or
 written.
 """
 
+import logging as pylogging
+import re
 import sys
 
 from absl import app
@@ -30,22 +32,57 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
+def _one_line(text: str) -> str:
+  return " ".join(str(text).replace("\\'", "'").split())
+
+
+def _flag_error(e: Exception) -> str:
+  """One line for an error raised while parsing flags or loading the config."""
+  text = str(e).replace("\\'", "'")
+  wrapped = re.search(r"ConfigError: (.*)", text)  # From get_config(arg).
+  if wrapped:
+    return wrapped.group(1)
+  unknown = re.search(r"'(\w+)'.*?(Did you mean [^?]*\?)", text, re.S)
+  cause = e.__cause__ or e.__context__
+  if isinstance(e, KeyError) or isinstance(cause, KeyError) or unknown:
+    name = re.search(r"'([\w.]+)'", text)
+    field = unknown.group(1) if unknown else name.group(1) if name else text
+    hint = f"; {unknown.group(2)}" if unknown else ""
+    return f"unknown config field {field!r}{hint}"
+  if isinstance(e, OSError):
+    return f"--config could not be loaded: {text.splitlines()[-1].strip()}"
+  return f"bad flag: {_one_line(text)}"
+
+
 def _parse_flags(argv):
   """absl's parser, but bad flags give one line and exit code 2."""
   try:
     rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(str(e).splitlines()[0])
-  except ConfigError as e:  # Raised by a config file's get_config(arg).
+    config = _CONFIG.value
+    if config is not None:
+      config.keys()  # A file that failed to load raises on first use.
+  except ConfigError as e:
     _fail(str(e))
-  if _CONFIG.value is None:
+  except (flags.Error, KeyError, OSError, AttributeError, TypeError,
+          ValueError) as e:
+    _fail(_flag_error(e))
+  if config is None:
     _fail("--config is required, e.g. --config=configs/flights.py:quick")
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir=/tmp/codistill_run")
   return rest
 
 
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of Orbax internals; keeps warnings and ours."""
+
+  def filter(self, record):
+    return (record.levelno >= pylogging.WARNING or
+            "/orbax/" not in record.pathname)
+
+
 def main(argv):
+  pylogging.getLogger("absl").addFilter(_QuietLibraries())
   if len(argv) > 1:
     _fail(f"unexpected arguments {argv[1:]}; config overrides are flags: "
           "--config.a.b=value")

@@ -31,7 +31,9 @@ def eval_metrics_fn(task_loss: str):
     labels, w = batch["labels"], batch["weights"]
     return {"loss_sum": jnp.sum(losses.sigmoid_xent(logits, labels) * w),
             "weight_sum": jnp.sum(w),
-            "probs": jax.nn.sigmoid(logits.astype(jnp.float32))}
+            "probs": jax.nn.sigmoid(logits.astype(jnp.float32)),
+            # Global labels/weights: a host's own batch is only its slice.
+            "labels": labels, "weights": w}
 
   return {"softmax_xent": softmax_metrics,
           "sigmoid_xent": sigmoid_metrics}[task_loss]
@@ -45,15 +47,15 @@ class EvalAccumulator:
     self.sums: dict[str, float] = {}
     self.probs, self.labels, self.weights = [], [], []
 
-  def add(self, out: Mapping[str, Any], batch: Mapping[str, Any]):
+  def add(self, out: Mapping[str, Any]):
     out = jax.device_get(out)
     for k, v in out.items():
       if k.endswith("_sum"):
         self.sums[k] = self.sums.get(k, 0.0) + float(v)
     if "probs" in out:
       self.probs.append(np.asarray(out["probs"]).reshape(-1))
-      self.labels.append(np.asarray(batch["labels"]).reshape(-1))
-      self.weights.append(np.asarray(batch["weights"]).reshape(-1))
+      self.labels.append(np.asarray(out["labels"]).reshape(-1))
+      self.weights.append(np.asarray(out["weights"]).reshape(-1))
 
   def summary(self) -> dict[str, float]:
     n = max(self.sums.get("weight_sum", 0.0), 1e-12)
@@ -122,3 +124,83 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
   """Reads a metrics.jsonl file written by `MetricWriter`."""
   with open(path) as f:
     return [json.loads(line) for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------
+# Comparing models: ensembles, agreement between groups, churn of retrains.
+# ----------------------------------------------------------------------------
+def predictions_fn(task_loss: str):
+  """Returns `fn(logits, batch)`: what comparing models needs, per example.
+
+  'label_prob' (probability of the true label), 'weights', and for binary
+  outputs 'prob'; for softmax outputs 'pred' (top-1) and, when the output is a
+  class vector rather than a sequence, the full 'probs'.
+  """
+
+  def fn(logits, batch):
+    logits = logits.astype(jnp.float32)
+    labels, w = batch["labels"], batch["weights"]
+    if task_loss == "sigmoid_xent":
+      p = jax.nn.sigmoid(logits)
+      return {"prob": p, "label_prob": jnp.where(labels > 0.5, p, 1 - p),
+              "labels": labels, "weights": w}
+    probs = jax.nn.softmax(logits, -1)
+    out = {"label_prob": jnp.take_along_axis(probs, labels[..., None],
+                                             -1)[..., 0],
+           "pred": jnp.argmax(logits, -1), "labels": labels, "weights": w}
+    if logits.ndim == 2:
+      out["probs"] = probs
+    return out
+
+  return fn
+
+
+class ComparisonAccumulator:
+  """Accumulates per-model predictions on the same eval batches.
+
+  `summary()` gives the ensemble's metrics (mean of the models'
+  probabilities) and the mean pairwise disagreement: top-1 disagreement for
+  softmax outputs, mean |p_i - p_j| for one sigmoid output (the churn measure
+  of Anil et al. for CTR).
+  """
+
+  def __init__(self, task_loss: str):
+    self.binary = task_loss == "sigmoid_xent"
+    self.batches: list[list[dict]] = []
+
+  def add(self, per_model: list[dict]) -> None:
+    self.batches.append([jax.device_get(p) for p in per_model])
+
+  def summary(self) -> dict[str, float]:
+    def cat(key, m):  # Model m's `key` over all batches, one row a position.
+      arrays = [np.asarray(b[m][key]) for b in self.batches]
+      if key == "probs":  # [b, classes]
+        return np.concatenate(arrays)
+      return np.concatenate([a.reshape(-1) for a in arrays])
+
+    n = len(self.batches[0])
+    w = cat("weights", 0)
+    keep = w > 0
+    label_prob = np.mean([cat("label_prob", m) for m in range(n)], 0)
+    out = {"ensemble/loss": float(np.sum(
+        -np.log(np.maximum(label_prob, 1e-12)) * w) / max(w.sum(), 1e-12))}
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    if self.binary:
+      probs = [cat("prob", m) for m in range(n)]
+      labels = cat("labels", 0)
+      out["ensemble/auc"] = auc(labels[keep], np.mean(probs, 0)[keep])
+      out["churn/mean_abs_diff"] = float(np.mean([
+          np.average(np.abs(probs[i] - probs[j]), weights=w) for i, j in pairs
+      ])) if pairs else 0.0
+    else:
+      out["ensemble/perplexity"] = float(np.exp(min(out["ensemble/loss"], 50)))
+      preds = [cat("pred", m) for m in range(n)]
+      out["churn/top1_disagreement"] = float(np.mean([
+          np.average(preds[i] != preds[j], weights=w) for i, j in pairs
+      ])) if pairs else 0.0
+      if "probs" in self.batches[0][0]:
+        labels = cat("labels", 0)
+        mean_probs = np.mean([cat("probs", m) for m in range(n)], 0)
+        correct = np.argmax(mean_probs, -1) == labels
+        out["ensemble/accuracy"] = float(np.average(correct, weights=w))
+    return out

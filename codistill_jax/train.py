@@ -1,9 +1,17 @@
 """The host loop: `train_and_evaluate(config, workdir)`, top to bottom.
 
-One process drives the groups whose devices it owns (all of them in a plain
-single-process run). Per group: its data shard, its state created sharded on
-its own sub-mesh, its own checkpoints and logs under `workdir/group_<g>/`.
-Dispatch is asynchronous, so groups on disjoint devices run concurrently.
+G groups train at once. This job drives the groups whose devices it owns: all
+of them in a plain single-process run, or the ones named by `groups` when each
+group (or a few) runs as its own job. Per group: its disjoint data shard, its
+state created sharded on its own sub-mesh, its own checkpoints and logs under
+`workdir/group_<g>/`. Dispatch is asynchronous, so groups on disjoint devices
+run concurrently.
+
+Groups meet only through files: every `codistill.exchange_every` steps a group
+publishes its params (`exchange.Publisher`) and starts reloading its peers'
+newest committed ones in the background (`exchange.PeerReader`); its train
+step distils towards the mean of their predictions. One group, or alpha = 0,
+is the synchronous data-parallel baseline: the same loop and step.
 """
 
 import dataclasses
@@ -15,6 +23,7 @@ from typing import Any, Callable, Iterator
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -22,12 +31,14 @@ import numpy as np
 from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import config_lib
 from codistill_jax import data as data_lib
+from codistill_jax import exchange
 from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics as metrics_lib
 from codistill_jax import models as models_lib
 from codistill_jax import optim
 from codistill_jax import step as step_lib
+from codistill_jax.errors import ConfigError
 
 
 def is_time(step: int, every: int, total: int | None = None) -> bool:
@@ -35,25 +46,85 @@ def is_time(step: int, every: int, total: int | None = None) -> bool:
   return (every > 0 and step > 0 and step % every == 0) or step == total
 
 
-@dataclasses.dataclass
-class Group:
-  """Everything the loop holds for one group this process drives."""
-  index: int
-  mesh: Any
-  datasets: Any
-  state: Any
-  train_step: Callable
-  eval_step: Callable
-  batch_sharding: Any
-  checkpointer: ckpt_lib.Checkpointer
-  writer: metrics_lib.MetricWriter
-  batches: Iterator | None = None
-  pending: list = dataclasses.field(default_factory=list)  # device metrics.
-  last_saved: int | None = None
+# ----------------------------------------------------------------------------
+# Building blocks (no loop state).
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A group's model, optimizer and abstract state, sharded on its mesh."""
+  model: Any
+  tx: Any
+  lr_fn: Callable
+  init_fn: Callable  # rng -> TrainState; jit it with out_shardings.
+  abstract: Any  # TrainState of ShapeDtypeStructs carrying the shardings.
+  state_sharding: Any
+
+
+def _example_inputs(batch):
+  """One-example zeros with the batch's per-example shapes (for init)."""
+  return jax.tree.map(lambda x: np.zeros((1,) + x.shape[1:], x.dtype),
+                      batch["inputs"])
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
+
+
+def build(config: ml_collections.ConfigDict, datasets, mesh) -> Setup:
+  """Model, optimizer and state layout for `config` on `mesh` (no compute)."""
+  model = models_lib.build(config.model_name, config.model.to_dict(),
+                           datasets.info)
+  tx, lr_fn = optim.make_optimizer(config.optimizer, config.total_steps)
+  example = _example_inputs(next(iter(datasets.train(0))))
+  init_fn = functools.partial(step_lib.init_state, model, tx,
+                              example_inputs=example)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  state_sharding = mesh_lib.tree_shardings(
+      mesh, abstract, config.sharding.rules, config.sharding.fsdp_min_size)
+  return Setup(model, tx, lr_fn, init_fn,
+               _with_shardings(abstract, state_sharding), state_sharding)
+
+
+def fixed_teacher(config, datasets, mesh):
+  """Two-phase distillation: (apply_fn, Teachers) of a trained checkpoint.
+
+  The teacher may be another architecture (`codistill.teacher_model_name`
+  and `teacher_model`); its params are restored onto `mesh`, replicated.
+  """
+  cd = config.codistill
+  name = cd.teacher_model_name or config.model_name
+  kwargs = (cd.teacher_model.to_dict() if cd.teacher_model_name
+            else config.model.to_dict())
+  teacher = models_lib.build(name, kwargs, datasets.info)
+  example = _example_inputs(next(iter(datasets.train(0))))
+  abstract = jax.eval_shape(
+      lambda: teacher.init(jax.random.PRNGKey(0), example, train=False))
+  repl = mesh_lib.replicated(mesh)
+  params = ckpt_lib.restore_params(
+      cd.teacher_checkpoint,
+      _with_shardings(abstract, jax.tree.map(lambda _: repl, abstract)))
+  dtype = jnp.dtype(cd.teacher_dtype)
+  stacked = jax.tree.map(lambda x: x.astype(dtype)[None], params)
+  return teacher.apply, step_lib.Teachers(stacked, jnp.ones((1,), jnp.float32))
+
+
+def _check_finite(step: int, scalars: dict, last_saved: int | None, g: int):
+  bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
+  if bad:
+    raise FloatingPointError(
+        f"group {g}: {bad} at step {step}; the last good checkpoint is step "
+        f"{last_saved}. Lower config.optimizer.learning_rate or set "
+        "config.optimizer.grad_clip_norm")
 
 
 class _Preemption:
-  """SIGTERM -> a flag the loop checks each step: save, then exit cleanly."""
+  """SIGTERM -> a flag the loop checks each step: save, then exit cleanly.
+
+  In a multi-process job all processes must stop at the same step, so there
+  the decision comes from JAX's preemption sync point instead.
+  """
 
   def __init__(self):
     self.requested = False
@@ -69,17 +140,43 @@ class _Preemption:
     logging.warning("SIGTERM: saving a checkpoint and exiting.")
     self.requested = True
 
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _owned_groups(config, group_devices) -> list[int]:
-  """Groups with a device of this process (a process never splits a group's
-  host-side work with another group)."""
-  me = jax.process_index()
-  return [g for g, devs in enumerate(group_devices)
-          if any(d.process_index == me for d in devs)]
+@dataclasses.dataclass
+class Group:
+  """Everything the loop holds for one group this job drives."""
+  index: int
+  datasets: Any
+  state: Any
+  train_step: Callable
+  eval_step: Callable
+  predict_step: Callable
+  batch_sharding: Any
+  checkpointer: ckpt_lib.Checkpointer
+  writer: metrics_lib.MetricWriter
+  publisher: exchange.Publisher | None = None
+  reader: exchange.PeerReader | None = None
+  fixed_teachers: Any = None
+  batches: Iterator | None = None
+  pending: list = dataclasses.field(default_factory=list)  # Device metrics.
+  last_saved: int | None = None
+  exchange_blocked_s: float = 0.0  # Host time spent in the exchange.
+
+  def teachers(self):
+    if self.reader is not None:
+      t = time.perf_counter()
+      teachers = self.reader.teachers()
+      self.exchange_blocked_s += time.perf_counter() - t
+      return teachers
+    return self.fixed_teachers
 
 
 def _process_slot(devices) -> tuple[int, int]:
@@ -88,83 +185,57 @@ def _process_slot(devices) -> tuple[int, int]:
   return procs.index(jax.process_index()), len(procs)
 
 
-def _example_inputs(batch):
-  """One-example zeros with the batch's per-example shapes (for init)."""
-  return jax.tree.map(lambda x: np.zeros((1,) + x.shape[1:], x.dtype),
-                      batch["inputs"])
+# ----------------------------------------------------------------------------
+# Train and evaluate.
+# ----------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       groups: list[int] | None = None) -> dict:
+  """Trains this job's groups (default: all G); returns final eval metrics.
 
-
-def _check_finite(step: int, scalars: dict, last_saved: int | None, g: int):
-  bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
-  if bad:
-    raise FloatingPointError(
-        f"group {g}: {bad} at step {step}; the last good checkpoint is step "
-        f"{last_saved}. Lower config.optimizer.learning_rate or set "
-        "config.optimizer.grad_clip_norm")
-
-
-@dataclasses.dataclass(frozen=True)
-class Setup:
-  """A group's model, optimizer and abstract state, sharded on its mesh."""
-  model: Any
-  tx: Any
-  lr_fn: Callable
-  init_fn: Callable  # rng -> TrainState; jit it with out_shardings.
-  abstract: Any  # TrainState of ShapeDtypeStructs carrying the shardings.
-  state_sharding: Any
-
-
-def build(config: ml_collections.ConfigDict, datasets, mesh) -> Setup:
-  """Model, optimizer and state layout for `config` on `mesh` (no compute)."""
-  model = models_lib.build(config.model_name, config.model.to_dict(),
-                           datasets.info)
-  tx, lr_fn = optim.make_optimizer(config.optimizer, config.total_steps)
-  example = _example_inputs(next(iter(datasets.train(0))))
-  init_fn = functools.partial(step_lib.init_state, model, tx,
-                              example_inputs=example)
-  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-  state_sharding = mesh_lib.tree_shardings(
-      mesh, abstract, config.sharding.rules, config.sharding.fsdp_min_size)
-  abstract = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, state_sharding)
-  return Setup(model, tx, lr_fn, init_fn, abstract, state_sharding)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
-  """Trains `config.num_groups` groups; returns the final eval metrics."""
+  Args:
+    config: the experiment config (validated here again).
+    workdir: checkpoints, logs and, by default, the exchange directory.
+    groups: the groups this job runs; the others are peers met only through
+      the exchange directory (separate processes or jobs).
+  """
   # --------------------------------------------------------------------------
   # Validate everything before compiling or writing anything.
   # --------------------------------------------------------------------------
-  config_lib.validate(config)
+  cd = config.codistill
+  num_groups = cd.num_groups
+  groups = list(range(num_groups)) if groups is None else sorted(set(groups))
+  if not groups or not all(0 <= g < num_groups for g in groups):
+    raise ConfigError(f"--groups={groups} must name groups in "
+                      f"0..{num_groups - 1} (config.codistill.num_groups)")
+  config_lib.validate(config, num_groups_here=len(groups))
   ckpt_lib.check_workdir(workdir, config)
   data_module = data_lib.get_module(config.data.name)
-  group_devices = mesh_lib.group_devices(config.num_groups)
-  owned = _owned_groups(config, group_devices)
+  devices = dict(zip(groups, mesh_lib.group_devices(len(groups))))
+  owned = [g for g in groups
+           if any(d.process_index == jax.process_index() for d in devices[g])]
+  exchange_dir = cd.exchange_dir or workdir
+  use_peers = cd.teacher_source == "peers" and num_groups > 1
   if jax.process_index() == 0:
     ckpt_lib.write_config(workdir, config)
 
-  task_loss = losses.task_loss(config.loss)
-  loss_fn = step_lib.make_loss_fn(task_loss)
+  loss_fn = step_lib.make_loss_fn(losses.task_loss(config.loss))
   metrics_fn = metrics_lib.eval_metrics_fn(config.loss)
+  predictions_fn = metrics_lib.predictions_fn(config.loss)
+  alpha_fn = losses.alpha_schedule(cd.alpha, cd.burn_in_steps,
+                                   cd.alpha_ramp_steps)
 
   # --------------------------------------------------------------------------
-  # Per group: data shard, model, state created sharded on the sub-mesh.
+  # Per group: data shard, model, state created sharded on its sub-mesh,
+  # teachers, and the compiled steps.
   # --------------------------------------------------------------------------
-  groups: list[Group] = []
+  run: list[Group] = []
   for g in owned:
-    devices = group_devices[g]
-    mesh = mesh_lib.make_mesh(devices)
-    proc, nproc = _process_slot(devices)
+    mesh = mesh_lib.make_mesh(devices[g])
+    proc, nproc = _process_slot(devices[g])
     datasets = data_module.get_datasets(
-        config, group=g, num_groups=config.num_groups, process_index=proc,
+        config, group=g, num_groups=num_groups, process_index=proc,
         process_count=nproc)
     setup = build(config, datasets, mesh)
-    model, tx, lr_fn = setup.model, setup.tx, setup.lr_fn
-    init_fn, abstract = setup.init_fn, setup.abstract
-    state_sharding = setup.state_sharding
-    # Every group starts from its own seed; retrains differ in config.seed.
-    rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), g)
     data_sharding = mesh_lib.batch_sharding(mesh)
     repl = mesh_lib.replicated(mesh)
 
@@ -173,95 +244,156 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
         f"{workdir}/group_{g}/checkpoints", config.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is not None:
-      state = checkpointer.restore(start, abstract)
+      state = checkpointer.restore(start, setup.abstract)
       logging.info("group %d: resumed from its own checkpoint at step %d",
                    g, start)
     else:
-      state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+      # Every group starts from its own seed; retrains differ in config.seed.
+      rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), g)
+      state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(rng)
       if config.init_checkpoint:
-        params = ckpt_lib.restore_params(config.init_checkpoint,
-                                         abstract.params)
-        state = state.replace(params=params)
+        state = state.replace(params=ckpt_lib.restore_params(
+            config.init_checkpoint, setup.abstract.params))
         logging.info("group %d: params from %s", g, config.init_checkpoint)
 
+    grp_kwargs = {}
+    distill = None
+    if use_peers:
+      peers = [h for h in range(num_groups) if h != g]
+      reader = exchange.PeerReader(exchange_dir, peers, setup.abstract.params,
+                                   cd.teacher_dtype)
+      reader.refresh()  # A resumed group picks up what its peers published.
+      grp_kwargs.update(reader=reader,
+                        publisher=exchange.Publisher(exchange_dir, g))
+      distill_apply, teacher_sharding = setup.model.apply, reader.sharding
+    elif cd.teacher_source == "checkpoint":
+      distill_apply, fixed = fixed_teacher(config, datasets, mesh)
+      grp_kwargs.update(fixed_teachers=fixed)
+      teacher_sharding = jax.tree.map(lambda x: x.sharding, fixed)
+    if use_peers or cd.teacher_source == "checkpoint":
+      distill = step_lib.Distill(
+          distill_apply, alpha_fn, divergence=cd.divergence,
+          temperature=cd.temperature, binary=config.loss == "sigmoid_xent")
+    in_shardings = (setup.state_sharding, data_sharding)
+    if distill is not None:
+      in_shardings += (teacher_sharding,)
     train_step = jax.jit(
-        step_lib.make_train_step(model.apply, loss_fn, tx, lr_fn),
-        in_shardings=(state_sharding, data_sharding),
-        out_shardings=(state_sharding, repl), donate_argnums=(0,))
-    eval_step = jax.jit(step_lib.make_eval_step(model.apply, metrics_fn),
-                        in_shardings=(state_sharding.params, data_sharding))
+        step_lib.make_train_step(setup.model.apply, loss_fn, setup.tx,
+                                 setup.lr_fn, distill),
+        in_shardings=in_shardings, out_shardings=(setup.state_sharding, repl),
+        donate_argnums=(0,))
+    eval_step = jax.jit(
+        step_lib.make_eval_step(setup.model.apply, metrics_fn),
+        in_shardings=(setup.state_sharding.params, data_sharding),
+        out_shardings=repl)
+    predict_step = jax.jit(
+        step_lib.make_eval_step(setup.model.apply, predictions_fn),
+        in_shardings=(setup.state_sharding.params, data_sharding),
+        out_shardings=repl)
     writer = metrics_lib.MetricWriter(f"{workdir}/group_{g}",
                                       enabled=proc == 0)
-    groups.append(Group(g, mesh, datasets, state, train_step, eval_step,
-                        data_sharding, checkpointer, writer,
-                        last_saved=start))
-    n_params = sum(x.size for x in jax.tree.leaves(abstract.params))
-    logging.info("group %d: %d devices, %d params, %s", g, len(devices),
-                 n_params, datasets.info.get("num_examples", ""))
+    run.append(Group(g, datasets, state, train_step, eval_step, predict_step,
+                     data_sharding, checkpointer, writer, last_saved=start,
+                     **grp_kwargs))
+    n_params = sum(x.size for x in jax.tree.leaves(setup.abstract.params))
+    logging.info("group %d: %d devices, %d params, examples %s", g,
+                 len(devices[g]), n_params,
+                 datasets.info.get("num_examples", ""))
 
   # --------------------------------------------------------------------------
-  # Evaluation.
+  # Evaluation: each group, then (when this job holds several) their ensemble
+  # and how much they disagree.
   # --------------------------------------------------------------------------
-  def evaluate(grp: Group, splits) -> dict[str, float]:
+  def evaluate(split: str) -> dict[int | str, dict[str, float]]:
     out = {}
-    for split in splits:
+    for grp in run:
       acc = metrics_lib.EvalAccumulator(config.loss)
       for batch in grp.datasets.evals[split]():
-        sharded = mesh_lib.shard_batch(batch, grp.batch_sharding)
-        acc.add(grp.eval_step(grp.state.params, sharded), batch)
-      out.update({f"{split}/{k}": v for k, v in acc.summary().items()})
+        acc.add(grp.eval_step(grp.state.params,
+                              mesh_lib.shard_batch(batch, grp.batch_sharding)))
+      out[grp.index] = {f"{split}/{k}": v for k, v in acc.summary().items()}
+    if len(run) > 1:
+      acc = metrics_lib.ComparisonAccumulator(config.loss)
+      iters = [grp.datasets.evals[split]() for grp in run]
+      for batches in zip(*iters):  # Same split, same order in every group.
+        acc.add([grp.predict_step(grp.state.params, mesh_lib.shard_batch(
+            b, grp.batch_sharding)) for grp, b in zip(run, batches)])
+      out["groups"] = {f"{split}/{k}": v for k, v in acc.summary().items()}
     return out
+
+  ensemble_writer = metrics_lib.MetricWriter(
+      f"{workdir}/ensemble", enabled=len(run) > 1 and jax.process_index() == 0)
 
   # --------------------------------------------------------------------------
   # The loop. Metrics stay on device until a log step.
   # --------------------------------------------------------------------------
   total = config.total_steps
-  steps = {grp.index: int(grp.state.step) for grp in groups}
-  for grp in groups:
+  steps = {grp.index: int(grp.state.step) for grp in run}
+  for grp in run:
     grp.batches = iter(grp.datasets.train(steps[grp.index]))
   first = min(steps.values())
-  t0, s0 = time.time(), first
-  final_metrics = {}
+  t0, s0, wall0 = time.time(), first, time.time()
+  final: dict = {}
 
   with _Preemption() as preemption:
     for step in range(first, total):
-      for grp in groups:
+      for grp in run:
         if steps[grp.index] > step:
           continue  # This group resumed from a later checkpoint.
         batch = mesh_lib.shard_batch(next(grp.batches), grp.batch_sharding)
-        grp.state, m = grp.train_step(grp.state, batch)
+        args = (grp.teachers(),) if (grp.reader or grp.fixed_teachers) else ()
+        grp.state, m = grp.train_step(grp.state, batch, *args)
         grp.pending.append(m)
         steps[grp.index] = step + 1
       done = step + 1
 
+      # Exchange: publish own params (async), reload peers (background).
+      if use_peers and is_time(done, cd.exchange_every):
+        for grp in run:
+          t = time.perf_counter()
+          grp.publisher.publish(done, grp.state.params)
+          grp.reader.start_refresh()
+          grp.exchange_blocked_s += time.perf_counter() - t
+
       if is_time(done, config.log_every, total):
-        elapsed = time.time() - t0
-        rate = (done - s0) / max(elapsed, 1e-9)
-        loss_str = []
-        for grp in groups:
+        # Rate over the last log window (the first one includes compilation).
+        now = time.time()
+        rate = (done - s0) / max(now - t0, 1e-9)
+        t0, s0 = now, done
+        losses_str = []
+        for grp in run:
           scalars = {k: float(np.mean(v)) for k, v in jax.device_get(
               jax.tree.map(lambda *x: jnp.stack(x), *grp.pending)).items()}
           grp.pending.clear()
           _check_finite(done, scalars, grp.last_saved, grp.index)
           scalars["steps_per_sec"] = rate
+          if grp.reader is not None:
+            scalars.update(grp.reader.staleness(done))
+            scalars["exchange_blocked_share"] = grp.exchange_blocked_s / max(
+                now - wall0, 1e-9)
           grp.writer.write(done, scalars)
-          loss_str.append(f"{scalars['loss']:.4f}")
+          losses_str.append(f"{scalars['loss']:.4f}")
         eta = (total - done) / max(rate, 1e-9)
         logging.info("step %d/%d loss %s  %.2f steps/s  ETA %s", done, total,
-                     " ".join(loss_str), rate,
+                     " ".join(losses_str), rate,
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
 
       if is_time(done, config.eval_every, total):
-        for grp in groups:
-          final_metrics[grp.index] = evaluate(
-              grp, ["validation"] + (["test"] if done == total else []))
-          grp.writer.write(done, final_metrics[grp.index])
-          logging.info("group %d step %d eval %s", grp.index, done,
-                       final_metrics[grp.index])
+        splits = ["validation"] + (["test"] if done == total else [])
+        final = {}
+        for split in splits:
+          for key, values in evaluate(split).items():
+            final.setdefault(key, {}).update(values)
+        for key, values in final.items():
+          writer = (ensemble_writer if key == "groups" else
+                    next(grp.writer for grp in run if grp.index == key))
+          writer.write(done, values)
+          logging.info("eval step %d %s: %s", done,
+                       key if key == "groups" else f"group {key}", values)
 
-      stop = preemption.requested
+      stop = preemption.should_stop(done)
       if is_time(done, config.checkpoint_every, total) or stop:
-        for grp in groups:
+        for grp in run:
           # Never commit a non-finite state: param_norm is of the new params.
           if grp.pending:
             newest = jax.device_get(grp.pending[-1])
@@ -274,8 +406,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str):
                         "same command", done)
         break
 
-  for grp in groups:
+  for grp in run:
     grp.checkpointer.wait()
     grp.checkpointer.close()
+    if grp.publisher is not None:
+      grp.publisher.wait()
+      grp.publisher.close()
+      grp.reader.close()
     grp.writer.close()
-  return final_metrics
+  ensemble_writer.close()
+  return final

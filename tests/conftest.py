@@ -14,3 +14,20 @@ os.environ["XLA_FLAGS"] = (
 import jax  # noqa: E402  (must follow the environment set-up above)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+  """Config overrides pointing each quick config at small files in tmp."""
+  from tests import datagen  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("data")
+  fmnist = datagen.write_fashion_mnist(str(root / "fashion-mnist"))
+  docs = datagen.write_rst_docs(str(root / "docs"))
+  return {
+      "fashion_mnist": [f"--config.data.path={fmnist}",
+                        "--config.data.validation_size=100"],
+      "kernel_lm": [f"--config.data.path={docs}",
+                    f"--config.data.cache_dir={root / 'cache'}"],
+  }

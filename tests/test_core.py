@@ -56,7 +56,7 @@ def test_eval_accumulator_weights_padding_out():
   fn = metrics.eval_metrics_fn("softmax_xent")
   logits = jnp.array([[5.0, 0.0], [0.0, 5.0], [5.0, 0.0]])
   batch = {"labels": jnp.array([0, 0, 1]), "weights": jnp.array([1.0, 1.0, 0])}
-  acc.add(fn(logits, batch), batch)
+  acc.add(fn(logits, batch))
   assert acc.summary()["accuracy"] == 0.5
 
 

@@ -1,0 +1,184 @@
+"""Parameter exchange between groups through checkpoints on shared storage.
+
+Each group publishes its params every `exchange_every` steps as an Orbax
+checkpoint under `<exchange_dir>/group_<g>/published/<step>`. Orbax writes a
+step into a temporary directory and renames it when committed, and
+`ocp.step.checkpoint_steps` lists committed steps only, so a reader never sees
+a partial save. Any path tensorstore understands works: local disk, NFS,
+`gs://`.
+
+`PeerReader` keeps, for each peer, the params of its newest committed step,
+restored straight onto the reading group's own sub-mesh. Restores run on a
+background thread so the training loop only blocks to stack finished ones.
+A peer whose newest step vanishes (deleted by `max_to_keep`) is retried; one
+that is partial, corrupt or of another architecture keeps its previous params,
+and the reason is logged and counted.
+"""
+
+import concurrent.futures
+import dataclasses
+import os
+import threading
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from codistill_jax import checkpoint as ckpt_lib
+from codistill_jax import step as step_lib
+
+
+def published_dir(exchange_dir: str, group: int) -> str:
+  return os.path.join(exchange_dir, f"group_{group}", "published")
+
+
+class Publisher:
+  """Publishes one group's params (async Orbax saves, `max_to_keep` >= 3)."""
+
+  def __init__(self, exchange_dir: str, group: int, max_to_keep: int = 3):
+    self._mgr = ocp.CheckpointManager(
+        published_dir(exchange_dir, group),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=True,
+            create=True))
+
+  def publish(self, step: int, params: Any) -> None:
+    self._mgr.save(step, args=ocp.args.StandardSave(params), force=True)
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.close()
+
+
+def committed_steps(directory: str) -> list[int]:
+  """Committed steps in a published dir ([] if it does not exist yet)."""
+  try:
+    return sorted(ocp.step.checkpoint_steps(directory))
+  except (FileNotFoundError, OSError):
+    return []
+
+
+@dataclasses.dataclass
+class PeerSlot:
+  group: int
+  step: int | None = None  # Step of the params held; None = nothing yet.
+  params: Any = None
+  failures: int = 0  # Restores that failed and kept the previous params.
+  last_error: str = ""
+
+
+class PeerReader:
+  """The newest committed params of each peer, on the reader's sharding."""
+
+  def __init__(self, exchange_dir: str, peers: list[int], abstract_params: Any,
+               teacher_dtype: Any = jnp.float32, retries: int = 3):
+    self.exchange_dir = exchange_dir
+    self.slots = [PeerSlot(g) for g in peers]
+    self._abstract = abstract_params
+    self._retries = retries
+    self._dtype = jnp.dtype(teacher_dtype)
+    self._lock = threading.Lock()
+    self._pool = concurrent.futures.ThreadPoolExecutor(1)
+    self._future = None
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
+    mesh = jax.tree.leaves(shardings)[0].mesh
+    stacked_sharding = step_lib.Teachers(
+        params=jax.tree.map(
+            lambda s: jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec(None, *s.spec)), shardings),
+        weights=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    dtype = self._dtype
+
+    def stack(weights, *trees):
+      cast = lambda x: (x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                        else x)
+      params = jax.tree.map(lambda *xs: jnp.stack([cast(x) for x in xs]),
+                            *trees)
+      return step_lib.Teachers(params, weights)
+
+    self._stack = jax.jit(stack, out_shardings=stacked_sharding)
+    self.sharding = stacked_sharding
+    self._zeros = jax.jit(
+        lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                             abstract_params),
+        out_shardings=shardings)
+    self._teachers = None
+
+  # -- Restoring (background thread). --------------------------------------
+  def _restore_one(self, slot: PeerSlot) -> None:
+    directory = published_dir(self.exchange_dir, slot.group)
+    for attempt in range(self._retries):
+      steps = committed_steps(directory)
+      if not steps or (slot.step is not None and steps[-1] <= slot.step):
+        return  # Nothing new.
+      step = steps[-1]
+      item = os.path.join(directory, str(step), "default")
+      try:
+        problem = ckpt_lib.mismatch(item, self._abstract)
+        if problem:
+          raise ValueError(f"another architecture: {problem}")
+        with ocp.StandardCheckpointer() as ckptr:
+          params = ckptr.restore(item, self._abstract)
+      except FileNotFoundError as e:
+        # max_to_keep deleted the step while we read it: look again.
+        logging.info("peer %d step %d vanished (%s); retry %d", slot.group,
+                     step, e, attempt + 1)
+        continue
+      except Exception as e:  # pylint: disable=broad-except
+        # Partial, corrupt or incompatible: keep the previous teacher.
+        with self._lock:
+          slot.failures += 1
+          slot.last_error = f"step {step}: {type(e).__name__}: {e}"[:300]
+        logging.warning("peer %d: keeping step %s, could not restore step %d:"
+                        " %s", slot.group, slot.step, step, slot.last_error)
+        return
+      with self._lock:
+        slot.step, slot.params = step, params
+      return
+
+  def _restore_all(self) -> None:
+    for slot in self.slots:
+      self._restore_one(slot)
+
+  def start_refresh(self) -> None:
+    """Starts restoring every peer's newest step, unless one is running."""
+    if self._future is None or self._future.done():
+      if self._future is not None:
+        self._future.result()  # Re-raise unexpected errors of the last one.
+      self._future = self._pool.submit(self._restore_all)
+
+  def refresh(self, block: bool = False) -> None:
+    self.start_refresh()
+    if block:
+      self._future.result()
+
+  # -- What the train step consumes. ---------------------------------------
+  def teachers(self) -> step_lib.Teachers:
+    """Stacked params of the peers held now; weight 0 where none yet."""
+    with self._lock:
+      held = [(s.step, s.params) for s in self.slots]
+    key = tuple(step for step, _ in held)
+    if self._teachers is None or self._teachers[0] != key:
+      trees = [p if p is not None else self._zeros() for _, p in held]
+      weights = np.array([p is not None for _, p in held], np.float32)
+      self._teachers = (key, self._stack(weights, *trees))
+    return self._teachers[1]
+
+  def staleness(self, own_step: int) -> dict[str, float]:
+    out = {}
+    with self._lock:
+      for s in self.slots:
+        if s.step is not None:
+          out[f"staleness/group_{s.group}"] = own_step - s.step
+        out[f"restore_failures/group_{s.group}"] = s.failures
+    return out
+
+  def close(self) -> None:
+    if self._future is not None:
+      self._future.result()
+    self._pool.shutdown()
