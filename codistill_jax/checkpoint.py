@@ -66,8 +66,12 @@ class Checkpointer:
 
 def saved_shapes(item_dir: str) -> dict[str, tuple[int, ...]]:
   """{'params.Dense_0.kernel': shape, ...} from a saved pytree's metadata."""
+  if not os.path.isdir(item_dir):
+    raise FileNotFoundError(f"{item_dir} does not exist")
   with ocp.PyTreeCheckpointer() as ckptr:
     meta = ckptr.metadata(item_dir).item_metadata
+  if meta is None:  # Orbax logs the read error and returns None.
+    raise OSError(f"{item_dir}: unreadable metadata (partial or corrupt)")
   return {m.name: tuple(m.shape) for m in jax.tree.leaves(meta)
           if hasattr(m, "name")}
 

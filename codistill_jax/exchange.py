@@ -23,12 +23,25 @@ from typing import Any
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
 from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import step as step_lib
+
+
+@jax.jit
+def fingerprint(params: Any) -> jax.Array:
+  """Per leaf, sum and sum of |x| (float32): published with the params.
+
+  Orbax stores arrays compressed without a checksum, so a flipped bit can
+  restore without error; a reader recomputes this and rejects a mismatch.
+  """
+  leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(params)]
+  return jnp.stack([f(x) for x in leaves for f in (jnp.sum,
+                                                    lambda y: jnp.sum(abs(y)))])
 
 
 def published_dir(exchange_dir: str, group: int) -> str:
@@ -46,7 +59,10 @@ class Publisher:
             create=True))
 
   def publish(self, step: int, params: Any) -> None:
-    self._mgr.save(step, args=ocp.args.StandardSave(params), force=True)
+    # The fingerprint is dispatched asynchronously like any jitted call; the
+    # save copies it off-device together with the params.
+    item = {"params": params, "fingerprint": fingerprint(params)}
+    self._mgr.save(step, args=ocp.args.StandardSave(item), force=True)
 
   def wait(self) -> None:
     self._mgr.wait_until_finished()
@@ -80,6 +96,14 @@ class PeerReader:
     self.exchange_dir = exchange_dir
     self.slots = [PeerSlot(g) for g in peers]
     self._abstract = abstract_params
+    n_leaves = len(jax.tree.leaves(abstract_params))
+    mesh = jax.tree.leaves(abstract_params)[0].sharding.mesh
+    self._abstract_item = {
+        "params": abstract_params,
+        "fingerprint": jax.ShapeDtypeStruct(
+            (2 * n_leaves,), jnp.float32,
+            sharding=jax.sharding.NamedSharding(
+                mesh, jax.sharding.PartitionSpec()))}
     self._retries = retries
     self._dtype = jnp.dtype(teacher_dtype)
     self._lock = threading.Lock()
@@ -110,21 +134,32 @@ class PeerReader:
     self._teachers = None
 
   # -- Restoring (background thread). --------------------------------------
-  def _restore_one(self, slot: PeerSlot) -> None:
+  def _restore_one(self, slot: PeerSlot, only_step: int | None = None):
     directory = published_dir(self.exchange_dir, slot.group)
     for attempt in range(self._retries):
-      steps = committed_steps(directory)
+      steps = [only_step] if only_step is not None else committed_steps(
+          directory)
       if not steps or (slot.step is not None and steps[-1] <= slot.step):
         return  # Nothing new.
       step = steps[-1]
       item = os.path.join(directory, str(step), "default")
       try:
-        problem = ckpt_lib.mismatch(item, self._abstract)
+        problem = (ckpt_lib.mismatch(item, self._abstract, prefix="params") or
+                   ckpt_lib.mismatch(item, self._abstract_item))
         if problem:
           raise ValueError(f"another architecture: {problem}")
         with ocp.StandardCheckpointer() as ckptr:
-          params = ckptr.restore(item, self._abstract)
+          restored = ckptr.restore(item, self._abstract_item)
+        params = restored["params"]
+        saved, now = (np.asarray(restored["fingerprint"]),
+                      np.asarray(fingerprint(params)))
+        if not (np.isfinite(now).all() and
+                np.allclose(now, saved, rtol=1e-4, atol=1e-5)):
+          raise ValueError("corrupt: restored values do not match the "
+                           "fingerprint published with them")
       except FileNotFoundError as e:
+        if only_step is not None:  # Agreed step gone: wait for the next one.
+          return
         # max_to_keep deleted the step while we read it: look again.
         logging.info("peer %d step %d vanished (%s); retry %d", slot.group,
                      step, e, attempt + 1)
@@ -140,13 +175,33 @@ class PeerReader:
       with self._lock:
         slot.step, slot.params = step, params
       return
+    with self._lock:  # Every newest step vanished under us: try next time.
+      slot.last_error = f"newest steps vanished during {self._retries} tries"
 
   def _restore_all(self) -> None:
     for slot in self.slots:
       self._restore_one(slot)
 
+  def _restore_agreed(self) -> None:
+    """Multi-process group: every process restores the same steps, together.
+
+    Orbax restores of arrays that span processes synchronise the processes,
+    so they run in the main thread at the same point of the loop, and process
+    0's view of the newest committed steps is broadcast so that all agree.
+    """
+    newest = np.array([(committed_steps(published_dir(
+        self.exchange_dir, s.group)) or [-1])[-1] for s in self.slots],
+                      np.int64)
+    newest = multihost_utils.broadcast_one_to_all(newest)
+    for slot, step in zip(self.slots, newest.tolist()):
+      if step >= 0 and (slot.step is None or step > slot.step):
+        self._restore_one(slot, only_step=int(step))
+
   def start_refresh(self) -> None:
     """Starts restoring every peer's newest step, unless one is running."""
+    if jax.process_count() > 1:
+      self._restore_agreed()
+      return
     if self._future is None or self._future.done():
       if self._future is not None:
         self._future.result()  # Re-raise unexpected errors of the last one.
@@ -154,7 +209,7 @@ class PeerReader:
 
   def refresh(self, block: bool = False) -> None:
     self.start_refresh()
-    if block:
+    if block and self._future is not None:
       self._future.result()
 
   # -- What the train step consumes. ---------------------------------------

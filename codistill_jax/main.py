@@ -25,6 +25,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, logs and TensorBoard events.")
+_GROUPS = flags.DEFINE_list(
+    "groups", None, "Groups this job runs, e.g. '0' or '0,1' (default: all "
+    "config.codistill.num_groups). Other groups are separate jobs that share "
+    "the exchange directory.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for a multi-process "
+    "JAX job (jax.distributed); unset for a single process.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in this JAX job (with "
+    "--coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in the JAX job.")
 
 
 def _fail(message: str) -> None:
@@ -70,6 +82,13 @@ def _parse_flags(argv):
     _fail("--config is required, e.g. --config=configs/flights.py:quick")
   if not _WORKDIR.value:
     _fail("--workdir is required, e.g. --workdir=/tmp/codistill_run")
+  if _GROUPS.value is not None and not all(
+      g.strip().isdigit() for g in _GROUPS.value):
+    _fail(f"--groups={','.join(_GROUPS.value)} must be group indices, e.g. "
+          "--groups=0,1")
+  if _COORDINATOR.value and (_NUM_PROCESSES.value is None or
+                             _PROCESS_ID.value is None):
+    _fail("--coordinator_address needs --num_processes and --process_id")
   return rest
 
 
@@ -87,9 +106,17 @@ def main(argv):
     _fail(f"unexpected arguments {argv[1:]}; config overrides are flags: "
           "--config.a.b=value")
   # Imported here so that `--help` and flag errors do not pay for jax.
+  import jax  # pylint: disable=g-import-not-at-top
   from codistill_jax import train  # pylint: disable=g-import-not-at-top
+  if _COORDINATOR.value:
+    if jax.config.jax_platforms in ("cpu", None) or "cpu" in str(
+        jax.config.jax_platforms):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                               _PROCESS_ID.value)
+  groups = None if _GROUPS.value is None else [int(g) for g in _GROUPS.value]
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, groups=groups)
   except ConfigError as e:
     _fail(str(e))
   except FloatingPointError as e:

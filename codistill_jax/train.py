@@ -332,6 +332,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   for grp in run:
     grp.batches = iter(grp.datasets.train(steps[grp.index]))
   first = min(steps.values())
+  multi_process = jax.process_count() > 1
   t0, s0, wall0 = time.time(), first, time.time()
   final: dict = {}
 
@@ -351,6 +352,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if use_peers and is_time(done, cd.exchange_every):
         for grp in run:
           t = time.perf_counter()
+          if multi_process:  # Orbax finalizers of two managers must not
+            grp.checkpointer.wait()  # interleave their cross-process barriers.
           grp.publisher.publish(done, grp.state.params)
           grp.reader.start_refresh()
           grp.exchange_blocked_s += time.perf_counter() - t
@@ -399,6 +402,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             newest = jax.device_get(grp.pending[-1])
             _check_finite(done, {k: float(v) for k, v in newest.items()},
                           grp.last_saved, grp.index)
+          if multi_process and grp.publisher is not None:
+            grp.publisher.wait()
           grp.checkpointer.save(done, grp.state)
           grp.last_saved = done
       if stop:
@@ -408,11 +413,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   for grp in run:
     grp.checkpointer.wait()
-    grp.checkpointer.close()
     if grp.publisher is not None:
       grp.publisher.wait()
       grp.publisher.close()
       grp.reader.close()
+    grp.checkpointer.close()
     grp.writer.close()
   ensemble_writer.close()
   return final

@@ -6,7 +6,9 @@ of the categorical columns and an MLP, trained with sigmoid cross-entropy.
   python -m codistill_jax.main --config=configs/flights.py \
       --workdir=/tmp/flights
 
-Args (after ':', comma-separated): `quick` (a few steps, seconds on CPU).
+Args (after ':', comma-separated): `quick` (a few steps, seconds on CPU);
+`groups=G` (codistillation with G groups; needs G devices or processes, see
+configs/flights_codistill.py).
 Expected (default, 1 CPU device): test AUC and log-loss as recorded in
 experiments/REPORT.md by experiments/bench_quality.py.
 """
@@ -15,7 +17,7 @@ from codistill_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, quick=False)
+  arg = config_lib.parse_arg(arg, quick=False, groups=1)
   c = config_lib.base_config()
   c.loss = "sigmoid_xent"
 
@@ -36,6 +38,12 @@ def get_config(arg=None):
   c.optimizer.weight_decay = 1e-4
 
   c.total_steps = 3000  # ~6 epochs of the ~262k training rows.
+
+  c.codistill.num_groups = arg.groups
+  c.codistill.exchange_every = 50  # Anil et al.: every 50 steps did not hurt.
+  c.codistill.burn_in_steps = 200  # No distillation while models are random.
+  c.codistill.alpha = 1.0
+  c.codistill.divergence = "kl"  # Binary KL on the peers' mean probability.
   c.log_every = 100
   c.eval_every = 1000
   c.checkpoint_every = 1000
@@ -50,6 +58,8 @@ def get_config(arg=None):
     c.log_every = 5
     c.eval_every = 10
     c.checkpoint_every = 10
+    c.codistill.exchange_every = 5
+    c.codistill.burn_in_steps = 5
   return c
 
 

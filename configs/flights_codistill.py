@@ -1,0 +1,39 @@
+r"""2-way codistillation on the flights CTR workload (the main job).
+
+Two groups, each on its own device(s) and disjoint half of the training rows,
+publish their params every 50 steps and distil towards each other after a
+200-step burn-in. On this CPU machine run each group as its own process:
+
+  python experiments/launch_local.py --config=configs/flights_codistill.py \
+      --workdir=/tmp/flights_codistill
+
+or both in one process on 2 (fake) devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+  python -m codistill_jax.main --config=configs/flights_codistill.py \
+      --workdir=/tmp/flights_codistill
+
+Watch `staleness/group_*`, `distill_loss` and `alpha` in
+WORKDIR/group_*/metrics.jsonl or TensorBoard. Args as configs/flights.py
+(`quick`, `groups=G`; the default here is groups=2).
+"""
+
+import importlib.util
+import os
+
+
+def _flights():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      "flights.py")
+  spec = importlib.util.spec_from_file_location("flights_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  return _flights().get_config(",".join(filter(None, ["groups=2", arg])))
+
+
+def sweep():
+  return [{"seed": s} for s in range(3)]
