@@ -109,7 +109,9 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
       per_example = losses.distill_divergence(
           logits, t_probs, t_logits, divergence=distill.divergence,
           temperature=distill.temperature, binary=distill.binary)
-      d = losses.weighted_mean(per_example, batch["weights"])
+      # 0 until a teacher exists, so the log never shows a loss vs nothing.
+      d = jnp.where(has_teacher,
+                    losses.weighted_mean(per_example, batch["weights"]), 0.0)
       aux = {**aux, "distill_loss": d, "alpha": alpha,
              **losses.agreement(logits, t_probs, batch["weights"],
                                 distill.binary)}

@@ -106,8 +106,11 @@ def fixed_teacher(config, datasets, mesh):
       cd.teacher_checkpoint,
       _with_shardings(abstract, jax.tree.map(lambda _: repl, abstract)))
   dtype = jnp.dtype(cd.teacher_dtype)
-  stacked = jax.tree.map(lambda x: x.astype(dtype)[None], params)
-  return teacher.apply, step_lib.Teachers(stacked, jnp.ones((1,), jnp.float32))
+  stack = jax.jit(
+      lambda p: step_lib.Teachers(
+          jax.tree.map(lambda x: x.astype(dtype)[None], p),
+          jnp.ones((1,), jnp.float32)), out_shardings=repl)
+  return teacher.apply, stack(params)
 
 
 def _check_finite(step: int, scalars: dict, last_saved: int | None, g: int):
@@ -350,11 +353,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
       # Exchange: publish own params (async), reload peers (background).
       if use_peers and is_time(done, cd.exchange_every):
-        for grp in run:
+        for grp in run:  # Publish all first: a reader may then see them.
           t = time.perf_counter()
           if multi_process:  # Orbax finalizers of two managers must not
             grp.checkpointer.wait()  # interleave their cross-process barriers.
           grp.publisher.publish(done, grp.state.params)
+          grp.exchange_blocked_s += time.perf_counter() - t
+        for grp in run:
+          t = time.perf_counter()
           grp.reader.start_refresh()
           grp.exchange_blocked_s += time.perf_counter() - t
 

@@ -1,0 +1,204 @@
+"""Codistillation end to end: groups on sub-meshes, processes, two-phase."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from codistill_jax import churn
+from codistill_jax import exchange
+from codistill_jax import metrics
+from codistill_jax import train
+from codistill_jax.errors import ConfigError
+from tests.test_train import ROOT, assert_trees_equal, load_config
+from tests.test_train import restore_params
+
+
+def codistill_config(**overrides):
+  config = load_config("flights")
+  config.codistill.num_groups = 2
+  config.codistill.exchange_every = 4
+  config.codistill.burn_in_steps = 6
+  config.total_steps, config.log_every = 20, 1
+  config.eval_every, config.checkpoint_every = 20, 10
+  for k, v in overrides.items():
+    node = config
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return config
+
+
+def test_two_groups_on_sub_meshes_exchange_and_distil(tmp_path):
+  config = codistill_config()
+  final = train.train_and_evaluate(config, str(tmp_path))
+  for g in (0, 1):
+    rows = [r for r in metrics.read_jsonl(
+        str(tmp_path / f"group_{g}" / "metrics.jsonl")) if "loss" in r]
+    by_step = {r["step"]: r for r in rows}
+    # Burn-in: alpha is 0 up to step 6 (the step counter before the update).
+    assert all(by_step[s]["alpha"] == 0.0 for s in range(1, 7))
+    # After it, alpha is 1 as soon as a peer's params have arrived (the
+    # background restore may take an exchange interval), 0 before.
+    assert all(by_step[s]["alpha"] in (0.0, 1.0) for s in range(7, 21))
+    assert all(by_step[s]["alpha"] == 1.0 for s in range(15, 21))
+    assert all(by_step[s]["distill_loss"] == 0.0 for s in by_step
+               if f"staleness/group_{1 - g}" not in by_step[s])
+    # Exchange cadence: peers published at multiples of 4; after the first
+    # refresh the held peer step is a multiple of 4 and not in the future.
+    peer = 1 - g
+    held = {s: s - r[f"staleness/group_{peer}"] for s, r in by_step.items()
+            if f"staleness/group_{peer}" in r}
+    assert held, "the peer's params never arrived"
+    assert all(h % 4 == 0 and 0 < h <= s for s, h in held.items())
+    assert max(held.values()) >= 12
+    # Distillation is on and visible once a teacher arrived after burn-in.
+    assert any(r["distill_loss"] > 0 for s, r in by_step.items() if s > 12)
+    assert all(r[f"restore_failures/group_{peer}"] == 0 for r in rows
+               if f"restore_failures/group_{peer}" in r)
+    steps = exchange.committed_steps(
+        exchange.published_dir(str(tmp_path), g))
+    assert steps == [12, 16, 20]  # max_to_keep = 3.
+  # Per-group, ensemble and agreement metrics at the end.
+  assert "test/auc" in final[0] and "test/auc" in final[1]
+  assert {"test/ensemble/auc", "test/churn/mean_abs_diff"} <= set(
+      final["groups"])
+  assert 0 < final["groups"]["test/churn/mean_abs_diff"] < 1
+
+
+def test_groups_use_disjoint_devices_and_data():
+  config = codistill_config()
+  from codistill_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  module = data_lib.get_module("flights")
+  seen = []
+  for g in (0, 1):
+    ds = module.get_datasets(config, group=g, num_groups=2, process_index=0,
+                             process_count=1)
+    it = ds.train(0)
+    seen.append({int(i) for _ in range(20) for i in next(it)["index"]})
+  assert not seen[0] & seen[1]
+  from codistill_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  a, b = mesh_lib.group_devices(2)
+  assert not set(a) & set(b) and len(a) == 4
+
+
+def test_one_group_ignores_codistill_settings_bitwise(tmp_path):
+  base = load_config("flights")
+  base.total_steps = 12
+  train.train_and_evaluate(base, str(tmp_path / "base"))
+  tweaked = load_config("flights")
+  tweaked.total_steps = 12
+  tweaked.codistill.alpha, tweaked.codistill.exchange_every = 0.7, 3
+  tweaked.codistill.burn_in_steps = 0
+  train.train_and_evaluate(tweaked, str(tmp_path / "g1"))
+  assert_trees_equal(restore_params(str(tmp_path / "base"), 12),
+                     restore_params(str(tmp_path / "g1"), 12))
+  assert not (tmp_path / "g1" / "group_0" / "published").exists()
+
+
+def test_two_phase_distillation_from_a_checkpoint_of_another_architecture(
+    tmp_path):
+  teacher = load_config("flights")
+  teacher.model.hidden_sizes, teacher.total_steps = (24, 8), 10
+  train.train_and_evaluate(teacher, str(tmp_path / "teacher"))
+
+  student = load_config("flights")
+  student.total_steps, student.log_every = 6, 1
+  cd = student.codistill
+  cd.teacher_source = "checkpoint"
+  cd.teacher_checkpoint = str(tmp_path / "teacher")
+  cd.teacher_model_name = "ctr_mlp"
+  cd.teacher_model.unlock()
+  cd.teacher_model.update(teacher.model.to_dict())
+  cd.burn_in_steps, cd.teacher_dtype = 0, "bfloat16"
+  train.train_and_evaluate(student, str(tmp_path / "student"))
+  rows = [r for r in metrics.read_jsonl(
+      str(tmp_path / "student" / "group_0" / "metrics.jsonl")) if "loss" in r]
+  assert all(r["alpha"] == 1.0 and r["distill_loss"] > 0 for r in rows)
+
+  # The same teacher under the student's (different) architecture: refused.
+  cd.teacher_model_name = ""
+  with pytest.raises(ConfigError, match="init_checkpoint|architecture"):
+    train.train_and_evaluate(student, str(tmp_path / "student2"))
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("codistill.exchange_every", 0, "exchange_every"),
+    ("codistill.num_groups", 3, "num_groups"),
+    ("codistill.divergence", "js", "divergence"),
+    ("codistill.teacher_source", "checkpoint", "teacher_checkpoint"),
+    ("codistill.temperature", 0.0, "temperature"),
+])
+def test_bad_codistill_config_writes_nothing(tmp_path, field, value, match):
+  config = codistill_config(**{field: value})
+  with pytest.raises(ConfigError, match=match):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_churn_between_runs(tmp_path):
+  config = load_config("flights")
+  config.total_steps = 10
+  for seed in (0, 1):
+    config.seed = seed
+    train.train_and_evaluate(config, str(tmp_path / f"s{seed}"))
+  params = [churn.restore_group_params(config, str(tmp_path / f"s{s}"), 0)
+            for s in (0, 1)]
+  same = churn.compare(config, [params[0], params[0]], "test")
+  diff = churn.compare(config, params, "test")
+  assert same["test/churn/mean_abs_diff"] == 0.0
+  assert diff["test/churn/mean_abs_diff"] > 0.0
+  assert same["test/ensemble/auc"] == pytest.approx(same["test/model_0/auc"])
+
+
+# ---------------------------------------------------------------------------
+# Separate processes and multi-process groups, through a real directory.
+# ---------------------------------------------------------------------------
+def launch(workdir, *args, timeout=500):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run(
+      [sys.executable, "experiments/launch_local.py",
+       "--config=configs/flights_codistill.py:quick", f"--workdir={workdir}",
+       *args], cwd=ROOT, env=env, capture_output=True, text=True,
+      timeout=timeout)
+
+
+def _peer_steps_seen(workdir, g, peer):
+  rows = metrics.read_jsonl(os.path.join(workdir, f"group_{g}",
+                                         "metrics.jsonl"))
+  return [r["step"] - r[f"staleness/group_{peer}"] for r in rows
+          if f"staleness/group_{peer}" in r]
+
+
+@pytest.mark.slow
+def test_three_groups_as_three_processes(tmp_path):
+  result = launch(str(tmp_path), "--config.codistill.num_groups=3",
+                  "--config.total_steps=60", "--config.log_every=5")
+  assert result.returncode == 0, result.stdout + result.stderr
+  for g in range(3):
+    for peer in set(range(3)) - {g}:
+      assert _peer_steps_seen(str(tmp_path), g, peer), (g, peer)
+
+
+@pytest.mark.slow
+def test_group_as_two_process_jax_job(tmp_path):
+  result = launch(str(tmp_path), "--processes_per_group=2",
+                  "--config.total_steps=40", "--config.log_every=5",
+                  "--config.codistill.burn_in_steps=0")
+  logs = {f: open(tmp_path / "logs" / f).read()
+          for f in os.listdir(tmp_path / "logs")}
+  assert result.returncode == 0, result.stdout + "\n".join(
+      l[-3000:] for l in logs.values())
+  assert len(logs) == 4  # 2 groups x 2 processes.
+  # Each group is one job over both processes' devices: 2 devices a group.
+  assert "group 0: 2 devices" in logs["group_0.proc_0.log"]
+  for g in (0, 1):
+    assert _peer_steps_seen(str(tmp_path), g, 1 - g)
+  # Both processes of a group computed the same (replicated) result.
+  params = [restore_params(str(tmp_path), 40, g) for g in (0, 1)]
+  assert not np.allclose(jax.tree.leaves(params[0])[0],
+                         jax.tree.leaves(params[1])[0])
