@@ -14,6 +14,7 @@ import json
 import os
 from typing import Any
 
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -66,7 +67,7 @@ class Checkpointer:
 
 def saved_shapes(item_dir: str) -> dict[str, tuple[int, ...]]:
   """{'params.Dense_0.kernel': shape, ...} from a saved pytree's metadata."""
-  if not os.path.isdir(item_dir):
+  if not epath.Path(item_dir).exists():  # Local, NFS or gs:// alike.
     raise FileNotFoundError(f"{item_dir} does not exist")
   with ocp.PyTreeCheckpointer() as ckptr:
     meta = ckptr.metadata(item_dir).item_metadata

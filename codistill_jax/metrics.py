@@ -24,8 +24,11 @@ def eval_metrics_fn(task_loss: str):
     labels, w = batch["labels"], batch["weights"]
     xent = losses.softmax_xent(logits, labels)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    return {"loss_sum": jnp.sum(xent * w), "correct_sum": jnp.sum(correct * w),
-            "weight_sum": jnp.sum(w)}
+    out = {"loss_sum": jnp.sum(xent * w), "correct_sum": jnp.sum(correct * w),
+           "weight_sum": jnp.sum(w)}
+    if labels.ndim > 1:  # Sequences: the loss is per token; add perplexity.
+      out["token_sum"] = jnp.sum(w)
+    return out
 
   def sigmoid_metrics(logits, batch):
     labels, w = batch["labels"], batch["weights"]
@@ -66,7 +69,8 @@ class EvalAccumulator:
       keep = weights > 0
       return {"log_loss": loss, "auc": auc(labels[keep], probs[keep])}
     res = {"loss": loss, "accuracy": self.sums["correct_sum"] / n}
-    res["perplexity"] = float(np.exp(min(loss, 50.0)))
+    if "token_sum" in self.sums:
+      res["perplexity"] = float(np.exp(min(loss, 50.0)))
     return res
 
 
@@ -193,7 +197,9 @@ class ComparisonAccumulator:
           np.average(np.abs(probs[i] - probs[j]), weights=w) for i, j in pairs
       ])) if pairs else 0.0
     else:
-      out["ensemble/perplexity"] = float(np.exp(min(out["ensemble/loss"], 50)))
+      if "probs" not in self.batches[0][0]:  # Sequences.
+        out["ensemble/perplexity"] = float(
+            np.exp(min(out["ensemble/loss"], 50)))
       preds = [cat("pred", m) for m in range(n)]
       out["churn/top1_disagreement"] = float(np.mean([
           np.average(preds[i] != preds[j], weights=w) for i, j in pairs

@@ -45,8 +45,14 @@ def run_cli(workdir, config, *overrides, timeout=300, wait=True):
 def restore_params(workdir, step, group=0):
   path = os.path.join(workdir, f"group_{group}", "checkpoints", str(step),
                       "default")
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   with ocp.PyTreeCheckpointer() as ckptr:
-    return ckptr.restore(path)["params"]
+    meta = ckptr.metadata(path).item_metadata
+    # Saved by another job maybe (other devices): restore onto one device.
+    args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=one_device),
+                        meta.tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(
+        restore_args=args))["params"]
 
 
 def assert_trees_equal(a, b):

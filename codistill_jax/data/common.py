@@ -212,6 +212,20 @@ def check_positive(config, *fields: str) -> None:
                         "integer")
 
 
+def check_tfds_source(config, example: str) -> None:
+  """tfds_name, data_dir and train_split of a tfds-backed module."""
+  data = config.data
+  if not data.tfds_name:
+    raise ConfigError("config.data.tfds_name is empty; name a tfds dataset, "
+                      f"e.g. --config.data.tfds_name={example}")
+  if data.data_dir and not os.path.isdir(data.data_dir):
+    raise ConfigError(f"config.data.data_dir={data.data_dir}: no such "
+                      "directory; point it at the tfds data dir holding "
+                      f"{data.tfds_name} as array_record")
+  if not data.train_split:
+    raise ConfigError("config.data.train_split is empty; e.g. 'train'")
+
+
 def check_batch_sizes(config) -> None:
   """The cheap part of the batch-size checks: both sizes positive integers."""
   check_positive(config, "batch_size", "eval_batch_size")

@@ -25,7 +25,6 @@ eval_batch_size, split_seed (seeds the group partition), partition.
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 
@@ -41,16 +40,7 @@ def check(config) -> None:
   """Cheap checks: names and sizes given, data_dir exists if set."""
   common.check_batch_sizes(config)
   common.check_positive(config, "image_size")
-  data = config.data
-  if not data.tfds_name:
-    raise ConfigError("config.data.tfds_name is empty; name a tfds dataset, "
-                      "e.g. --config.data.tfds_name=imagenet2012")
-  if data.data_dir and not os.path.isdir(data.data_dir):
-    raise ConfigError(f"config.data.data_dir={data.data_dir}: no such "
-                      "directory; point it at the tfds data dir holding "
-                      f"{data.tfds_name} as array_record")
-  if not data.train_split:
-    raise ConfigError("config.data.train_split is empty; e.g. 'train'")
+  common.check_tfds_source(config, "imagenet2012")
 
 
 def _axis(size_in: int, scale: float, offset: int, size_out: int):

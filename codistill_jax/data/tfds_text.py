@@ -49,15 +49,7 @@ def check(config) -> None:
   if data.vocab_size <= len(tokenizer_lib.SPECIALS):
     raise ConfigError(f"config.data.vocab_size={data.vocab_size}: must exceed "
                       f"the {len(tokenizer_lib.SPECIALS)} special ids")
-  if not data.tfds_name:
-    raise ConfigError("config.data.tfds_name is empty; name a tfds dataset "
-                      "with a 'text' feature, e.g. lm1b")
-  if data.data_dir and not os.path.isdir(data.data_dir):
-    raise ConfigError(f"config.data.data_dir={data.data_dir}: no such "
-                      "directory; point it at the tfds data dir holding "
-                      f"{data.tfds_name} as array_record")
-  if not data.train_split:
-    raise ConfigError("config.data.train_split is empty; e.g. 'train'")
+  common.check_tfds_source(config, "lm1b")
 
 
 def text_of(example) -> str:
