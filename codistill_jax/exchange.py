@@ -49,26 +49,55 @@ def published_dir(exchange_dir: str, group: int) -> str:
 
 
 class Publisher:
-  """Publishes one group's params (async Orbax saves, `max_to_keep` >= 3)."""
+  """Publishes one group's params (Orbax, `max_to_keep` >= 3).
+
+  In a single-process job the save runs on a background thread, on a device
+  copy of the params (the live ones are donated to the next step), so the
+  training loop only pays for dispatching the copy. A multi-process group
+  saves from the main thread: Orbax synchronises the processes there.
+  """
 
   def __init__(self, exchange_dir: str, group: int, max_to_keep: int = 3):
+    self._background = jax.process_count() == 1
     self._mgr = ocp.CheckpointManager(
         published_dir(exchange_dir, group),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=True,
-            create=True))
+            max_to_keep=max_to_keep, create=True,
+            enable_async_checkpointing=not self._background))
+    self._pool = concurrent.futures.ThreadPoolExecutor(1)
+    self._future = None
 
-  def publish(self, step: int, params: Any) -> None:
-    # The fingerprint is dispatched asynchronously like any jitted call; the
-    # save copies it off-device together with the params.
-    item = {"params": params, "fingerprint": fingerprint(params)}
+  def warm_up(self, params: Any) -> None:
+    """Compiles the copy and fingerprint before the loop (not on its clock)."""
+    jax.block_until_ready((_copy(params), fingerprint(params)))
+
+  def _save(self, step: int, item: Any) -> None:
     self._mgr.save(step, args=ocp.args.StandardSave(item), force=True)
 
+  def publish(self, step: int, params: Any) -> None:
+    # Copy and fingerprint are dispatched asynchronously like any jitted call.
+    item = {"params": _copy(params), "fingerprint": fingerprint(params)}
+    if not self._background:
+      self._save(step, item)
+      return
+    if self._future is not None:
+      # Normally long done; if saves are slower than the exchange interval,
+      # this is where the loop waits (and the blocked share shows it).
+      self._future.result()  # Also re-raises an error of the previous save.
+    self._future = self._pool.submit(self._save, step, item)
+
   def wait(self) -> None:
+    if self._future is not None:
+      self._future.result()
     self._mgr.wait_until_finished()
 
   def close(self) -> None:
+    self.wait()
+    self._pool.shutdown()
     self._mgr.close()
+
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
 
 
 def committed_steps(directory: str) -> list[int]:
@@ -132,6 +161,7 @@ class PeerReader:
                              abstract_params),
         out_shardings=shardings)
     self._teachers = None
+    jax.block_until_ready(self.teachers())  # Compile stacking up front.
 
   # -- Restoring (background thread). --------------------------------------
   def _restore_one(self, slot: PeerSlot, only_step: int | None = None):

@@ -68,6 +68,20 @@ class Distill:
   divergence: str = "kl"  # One of losses.DIVERGENCES.
   temperature: float = 1.0
   binary: bool = False  # One sigmoid logit per example (CTR).
+  teacher_map: str = "unroll"  # 'unroll' (a forward per teacher) | 'vmap'.
+
+
+def _teacher_logits(distill: "Distill", stacked_params, inputs) -> jax.Array:
+  """[n_teachers, ...] logits of the stacked teachers, deterministic."""
+  apply = lambda p: distill.teacher_apply_fn(p, inputs, train=False)
+  if distill.teacher_map == "vmap":
+    return jax.vmap(apply)(stacked_params)
+  # 'unroll': one ordinary forward per teacher slice. vmapping a conv over
+  # its weights makes a grouped convolution, much slower on CPU/GPU than n
+  # plain ones; n is small and static.
+  n = jax.tree.leaves(stacked_params)[0].shape[0]
+  return jnp.stack([apply(jax.tree.map(lambda x, i=i: x[i], stacked_params))
+                    for i in range(n)])
 
 
 def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
@@ -92,9 +106,8 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
                  teachers: Teachers | None = None):
     rng = jax.random.fold_in(state.rng, state.step)
     if distill is not None:
-      teacher_logits = jax.vmap(
-          lambda p: distill.teacher_apply_fn(p, batch["inputs"], train=False))(
-              teachers.params)
+      teacher_logits = _teacher_logits(distill, teachers.params,
+                                       batch["inputs"])
       t_probs, t_logits, has_teacher = losses.teacher_targets(
           teacher_logits, teachers.weights, distill.temperature,
           distill.binary)

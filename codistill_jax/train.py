@@ -266,8 +266,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       reader = exchange.PeerReader(exchange_dir, peers, setup.abstract.params,
                                    cd.teacher_dtype)
       reader.refresh()  # A resumed group picks up what its peers published.
-      grp_kwargs.update(reader=reader,
-                        publisher=exchange.Publisher(exchange_dir, g))
+      publisher = exchange.Publisher(exchange_dir, g)
+      publisher.warm_up(state.params)
+      grp_kwargs.update(reader=reader, publisher=publisher)
       distill_apply, teacher_sharding = setup.model.apply, reader.sharding
     elif cd.teacher_source == "checkpoint":
       distill_apply, fixed = fixed_teacher(config, datasets, mesh)

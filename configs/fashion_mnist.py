@@ -4,8 +4,8 @@ r"""Image classification on Fashion-MNIST (the paper's ImageNet workload).
       --workdir=/tmp/fmnist
 
 Needs `apt-get install -y dataset-fashion-mnist` (see README).
-Args: `quick` (a few steps), `resnet` (small GroupNorm ResNet instead of the
-CNN).
+Args: `groups=G` (codistillation), `quick` (a few steps), `resnet` (small
+GroupNorm ResNet instead of the CNN).
 """
 
 import ml_collections
@@ -14,7 +14,7 @@ from codistill_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, quick=False, resnet=False)
+  arg = config_lib.parse_arg(arg, quick=False, resnet=False, groups=1)
   c = config_lib.base_config()
   c.loss = "softmax_xent"
 
@@ -44,6 +44,10 @@ def get_config(arg=None):
   c.log_every = 100
   c.eval_every = 1000
   c.checkpoint_every = 1000
+
+  c.codistill.num_groups = arg.groups  # `:groups=G` for codistillation.
+  c.codistill.exchange_every = 50
+  c.codistill.burn_in_steps = 100
 
   if arg.quick:
     c.model_name = "cnn"

@@ -4,13 +4,13 @@ r"""Codistillation overhead: G-way step vs the baseline step, and exchange cost.
    step and the G-way step (G - 1 stale peers run forward inside it), timed
    side by side. The floor is `baseline * (1 + (G - 1) * forward/step)` with
    forward/step measured in the same run; target: G-way <= 1.10 x floor.
-2. Exchange cost. A real 2-group run (one process, one device per group) at
-   the config's default `exchange_every`; the share of wall time the host loop
+2. Exchange cost. Real 2-group runs (one process, one device per group) at
+   the configs' default `exchange_every`; the share of wall time the host loop
    spends blocked in publish/refresh/stacking (`exchange_blocked_share`);
    target <= 1%.
 
   python experiments/bench_codistill.py [--workloads=flights,fashion_mnist] \
-      [--groups=2,3,4] [--exchange_steps=1000]
+      [--groups=2,3,4] [--exchange=flights:2000,fashion_mnist:300]
 
 Writes experiments/results/bench_codistill.json.
 """
@@ -27,9 +27,9 @@ _WORKLOADS = flags.DEFINE_list("workloads", ["flights", "fashion_mnist",
                                              "kernel_lm"], "Config files.")
 _GROUPS = flags.DEFINE_list("groups", ["2", "3", "4"], "Values of G.")
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per measurement.")
-_EXCHANGE_STEPS = flags.DEFINE_integer(
-    "exchange_steps", 1000, "Steps of the 2-group run measuring exchange "
-    "cost (0 skips it).")
+_EXCHANGE = flags.DEFINE_list(
+    "exchange", ["flights:2000", "fashion_mnist:300"],
+    "config:steps of the 2-group runs measuring exchange cost ('' skips).")
 _DEVICES = flags.DEFINE_integer("devices_per_group", 1,
                                 "Devices of the sub-mesh of part 1.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_codistill.json",
@@ -39,14 +39,14 @@ _OUT = flags.DEFINE_string("out", "experiments/results/bench_codistill.json",
 def step_overhead(name: str, groups: list[int], steps: int) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import bench_step  # pylint: disable=g-import-not-at-top
+  import bench_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import losses  # pylint: disable=g-import-not-at-top
   from codistill_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import step as step_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import train  # pylint: disable=g-import-not-at-top
 
-  config = bench_step.load_config(name, None)
+  config = bench_lib.load_config(name, None)
   mesh = mesh_lib.make_mesh(jax.devices()[:_DEVICES.value])
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)
@@ -66,7 +66,7 @@ def step_overhead(name: str, groups: list[int], steps: int) -> list[dict]:
 
     for _ in range(3):
       one().block_until_ready()
-    return bench_step.median_time(one, steps)
+    return bench_lib.median_time(one, steps)
 
   base = jax.jit(step_lib.make_train_step(setup.model.apply, loss_fn,
                                           setup.tx), donate_argnums=(0,))
@@ -74,7 +74,7 @@ def step_overhead(name: str, groups: list[int], steps: int) -> list[dict]:
   params = init(jax.random.PRNGKey(1)).params
   for _ in range(3):
     forward(params, batch["inputs"]).block_until_ready()
-  fwd_s = bench_step.median_time(lambda: forward(params, batch["inputs"]),
+  fwd_s = bench_lib.median_time(lambda: forward(params, batch["inputs"]),
                                  steps)
   rows = []
   for g in groups:
@@ -99,17 +99,18 @@ def step_overhead(name: str, groups: list[int], steps: int) -> list[dict]:
   return rows
 
 
-def exchange_cost(steps: int) -> dict:
-  """A real 2-group flights run; returns the blocked share it logged."""
-  import bench_step  # pylint: disable=g-import-not-at-top
+def exchange_cost(name: str, steps: int) -> dict:
+  """A real 2-group run; returns the blocked share it logged."""
+  import bench_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import metrics  # pylint: disable=g-import-not-at-top
   from codistill_jax import train  # pylint: disable=g-import-not-at-top
-  config = bench_step.load_config("flights", "groups=2")
+  config = bench_lib.load_config(name, None)
+  config.codistill.num_groups = 2
   config.total_steps, config.log_every = steps, steps
   config.eval_every = config.checkpoint_every = steps
   with tempfile.TemporaryDirectory() as workdir:
     train.train_and_evaluate(config, workdir)
-    out = {"config": "flights:groups=2", "steps": steps,
+    out = {"config": f"{name}:groups=2", "steps": steps,
            "exchange_every": config.codistill.exchange_every}
     for g in (0, 1):
       last = [r for r in metrics.read_jsonl(
@@ -117,7 +118,7 @@ def exchange_cost(steps: int) -> dict:
               if "exchange_blocked_share" in r][-1]
       out[f"group_{g}_blocked_share"] = last["exchange_blocked_share"]
       out[f"group_{g}_staleness"] = last["staleness/group_{}".format(1 - g)]
-  print(f"exchange: blocked share {out['group_0_blocked_share']:.4f} / "
+  print(f"exchange {name}: blocked share {out['group_0_blocked_share']:.4f} / "
         f"{out['group_1_blocked_share']:.4f} of wall time over {steps} steps "
         f"(exchange_every={out['exchange_every']})", flush=True)
   return out
@@ -133,11 +134,13 @@ def main(argv):
     jax.config.update("jax_num_cpu_devices", 2)
   groups = [int(g) for g in _GROUPS.value]
   results = {"devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
-             "step_overhead": [], "exchange": None}
+             "step_overhead": []}
   for name in _WORKLOADS.value:
     results["step_overhead"] += step_overhead(name, groups, _STEPS.value)
-  if _EXCHANGE_STEPS.value and jax.device_count() >= 2:
-    results["exchange"] = exchange_cost(_EXCHANGE_STEPS.value)
+  results["exchange"] = []
+  for item in filter(None, _EXCHANGE.value):
+    name, steps = item.split(":")
+    results["exchange"].append(exchange_cost(name, int(steps)))
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   with open(_OUT.value, "w") as f:
     json.dump(results, f, indent=2)

@@ -13,13 +13,13 @@ divided by the time of one train step; the codistillation overhead floor is
 
 import json
 import os
-import time
 
 from absl import app
 from absl import flags
 import jax
-import numpy as np
+import time
 
+import bench_lib  # Sibling module: run from the repo root or experiments/.
 from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import losses
@@ -33,24 +33,6 @@ _OUT = flags.DEFINE_string("out", "experiments/results/bench_step.json",
 _WORKLOADS = flags.DEFINE_list(
     "workloads", ["flights", "fashion_mnist", "kernel_lm"],
     "Config files under configs/ to benchmark.")
-
-
-def load_config(name: str, arg: str | None):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", name + ".py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def median_time(fn, n: int) -> float:
-  times = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
 
 
 def bench(config) -> dict:
@@ -82,8 +64,8 @@ def bench(config) -> dict:
     one_step()
     forward(holder[0].params, batch["inputs"]).block_until_ready()
   n = _STEPS.value
-  step_s = median_time(one_step, n)
-  fwd_s = median_time(lambda: forward(holder[0].params, batch["inputs"]), n)
+  step_s = bench_lib.median_time(one_step, n)
+  fwd_s = bench_lib.median_time(lambda: forward(holder[0].params, batch["inputs"]), n)
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   return {"params": int(n_params), "batch": config.data.batch_size,
           "compile_s": compile_s, "step_ms": 1e3 * step_s,
@@ -100,7 +82,7 @@ def main(argv):
   for name in _WORKLOADS.value:
     for arg in ("quick", None):
       row = {"config": f"{name}:{arg or 'default'}",
-             **bench(load_config(name, arg))}
+             **bench(bench_lib.load_config(name, arg))}
       results["rows"].append(row)
       print(f"{row['config']:<24}{row['params']:>10}{row['batch']:>7}"
             f"{row['compile_s']:>11.2f}{row['step_ms']:>10.2f}"

@@ -1,0 +1,30 @@
+"""Helpers shared by the benchmark scripts (no flags, no side effects)."""
+
+import importlib.util
+import os
+import time
+
+import jax
+import numpy as np
+
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                       "configs")
+
+
+def load_config(name: str, arg: str | None):
+  """configs/<name>.py's get_config(arg)."""
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(CONFIGS, name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def median_time(fn, n: int) -> float:
+  """Median wall time of `fn()` (blocked until its result is ready)."""
+  times = []
+  for _ in range(n):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
