@@ -57,26 +57,41 @@ def teacher_targets(teacher_logits: jax.Array, peer_weights: jax.Array,
     binary: one sigmoid logit per example instead of a softmax over classes.
 
   Returns:
-    (mean probabilities, mean logits, has_teacher): gradients are stopped.
+    (mean probabilities, mean logits, has_teacher, entropy): gradients are
+    stopped; `entropy` is the per-example entropy of the target (None for
+    binary targets), from the teacher's log-probabilities when there is one
+    teacher (no extra log over classes).
   """
   teacher_logits = jax.lax.stop_gradient(teacher_logits.astype(jnp.float32))
   scaled = teacher_logits / temperature
-  probs = jax.nn.sigmoid(scaled) if binary else jax.nn.softmax(scaled, -1)
+  if binary:
+    probs = jax.nn.sigmoid(scaled)
+  else:
+    log_probs = jax.nn.log_softmax(scaled, -1)
+    probs = jnp.exp(log_probs)
   total = jnp.sum(peer_weights)
   w = peer_weights / jnp.maximum(total, 1e-12)
   mean_probs = jnp.tensordot(w, probs, axes=1)
   mean_logits = jnp.tensordot(w, teacher_logits, axes=1)
-  return mean_probs, mean_logits, total > 0
+  entropy = None
+  if not binary:
+    if teacher_logits.shape[0] == 1:  # Reuse log-probs: no second pass.
+      entropy = -jnp.sum(mean_probs * log_probs[0], -1)
+    else:
+      entropy = -jnp.sum(jax.scipy.special.xlogy(mean_probs, mean_probs), -1)
+  return mean_probs, mean_logits, total > 0, entropy
 
 
 def distill_divergence(student_logits: jax.Array, teacher_probs: jax.Array,
                        teacher_logits: jax.Array, *, divergence: str,
-                       temperature: float, binary: bool) -> jax.Array:
+                       temperature: float, binary: bool,
+                       teacher_entropy: jax.Array | None = None) -> jax.Array:
   """Per-example (per-token) D(teacher || student), summed over classes.
 
   'kl' and 'xent' (soft cross-entropy) have the same gradient; both are scaled
   by T^2 so that their gradient magnitude does not shrink with T. 'mse' is the
-  squared difference of logits (no temperature).
+  squared difference of logits (no temperature). `teacher_entropy` (from
+  `teacher_targets`) saves a log over classes; computed here if None.
   """
   z = student_logits.astype(jnp.float32)
   if divergence == "mse":
@@ -90,8 +105,12 @@ def distill_divergence(student_logits: jax.Array, teacher_probs: jax.Array,
     entropy = -(jax.scipy.special.xlogy(p, p) +
                 jax.scipy.special.xlogy(1 - p, 1 - p))
   else:
-    xent = -jnp.sum(p * jax.nn.log_softmax(z, -1), -1)
-    entropy = -jnp.sum(jax.scipy.special.xlogy(p, p), -1)
+    # -sum p log_softmax(z) = lse(z) - sum p z, as sum p = 1: no [.., C]
+    # log-probabilities materialised, and the gradient is softmax(z) - p.
+    xent = jax.nn.logsumexp(z, -1) - jnp.sum(p * z, -1)
+    entropy = teacher_entropy
+    if entropy is None and divergence == "kl":
+      entropy = -jnp.sum(jax.scipy.special.xlogy(p, p), -1)
   per_example = xent - entropy if divergence == "kl" else xent
   return per_example * temperature**2
 

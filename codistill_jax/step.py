@@ -108,7 +108,7 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
     if distill is not None:
       teacher_logits = _teacher_logits(distill, teachers.params,
                                        batch["inputs"])
-      t_probs, t_logits, has_teacher = losses.teacher_targets(
+      t_probs, t_logits, has_teacher, t_entropy = losses.teacher_targets(
           teacher_logits, teachers.weights, distill.temperature,
           distill.binary)
       alpha = distill.alpha_fn(state.step) * has_teacher
@@ -121,7 +121,8 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
         return loss, aux
       per_example = losses.distill_divergence(
           logits, t_probs, t_logits, divergence=distill.divergence,
-          temperature=distill.temperature, binary=distill.binary)
+          temperature=distill.temperature, binary=distill.binary,
+          teacher_entropy=t_entropy)
       # 0 until a teacher exists, so the log never shows a loss vs nothing.
       d = jnp.where(has_teacher,
                     losses.weighted_mean(per_example, batch["weights"]), 0.0)

@@ -76,19 +76,19 @@ def test_student_logits_are_not_stopped():
 def test_teacher_target_is_mean_of_probabilities_not_logits():
   a = jnp.array([[4.0, 0.0, 0.0]])
   b = jnp.array([[0.0, 0.0, 4.0]])
-  probs, logits, has = losses.teacher_targets(jnp.stack([a, b]),
-                                              jnp.ones(2), 1.0, False)
+  probs, logits, has, _ = losses.teacher_targets(jnp.stack([a, b]),
+                                                 jnp.ones(2), 1.0, False)
   np.testing.assert_allclose(
       probs, (jax.nn.softmax(a) + jax.nn.softmax(b)) / 2, rtol=1e-6)
   assert not np.allclose(probs, jax.nn.softmax((a + b) / 2))
   np.testing.assert_allclose(logits, (a + b) / 2)
   assert bool(has)
   # A peer with weight 0 (nothing published yet) does not count.
-  probs, _, _ = losses.teacher_targets(jnp.stack([a, b]), jnp.array([1., 0.]),
-                                       1.0, False)
+  probs, _, _, _ = losses.teacher_targets(
+      jnp.stack([a, b]), jnp.array([1., 0.]), 1.0, False)
   np.testing.assert_allclose(probs, jax.nn.softmax(a), rtol=1e-6)
-  _, _, has = losses.teacher_targets(jnp.stack([a, b]), jnp.zeros(2), 1.0,
-                                     False)
+  _, _, has, _ = losses.teacher_targets(jnp.stack([a, b]), jnp.zeros(2),
+                                        1.0, False)
   assert not bool(has)
 
 
@@ -167,3 +167,18 @@ def test_alpha_schedule_burn_in_then_ramp():
   fn = losses.alpha_schedule(0.5, burn_in_steps=10, ramp_steps=4)
   got = [float(fn(s)) for s in (0, 9, 10, 11, 13, 100)]
   assert got == [0.0, 0.0, 0.125, 0.25, 0.5, 0.5]
+
+
+def test_one_teacher_entropy_shortcut_matches_xlogy():
+  t = jax.random.normal(jax.random.PRNGKey(3), (1, 4, 7)) * 3
+  zs = jax.random.normal(jax.random.PRNGKey(4), (4, 7))
+  for temp in (1.0, 2.5):
+    p, _, _, ent = losses.teacher_targets(t, jnp.ones(1), temp, False)
+    np.testing.assert_allclose(
+        ent, -jnp.sum(jax.scipy.special.xlogy(p, p), -1), rtol=1e-5)
+    fast = losses.distill_divergence(zs, p, None, divergence="kl",
+                                     temperature=temp, binary=False,
+                                     teacher_entropy=ent)
+    slow = losses.distill_divergence(zs, p, None, divergence="kl",
+                                     temperature=temp, binary=False)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
