@@ -66,25 +66,41 @@ class Publisher:
             enable_async_checkpointing=not self._background))
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
     self._future = None
+    self.skipped = 0  # Publishes skipped because a save was still running.
 
   def warm_up(self, params: Any) -> None:
     """Compiles the copy and fingerprint before the loop (not on its clock)."""
-    jax.block_until_ready((_copy(params), fingerprint(params)))
+    jax.block_until_ready(_copy_with_fingerprint(params))
 
   def _save(self, step: int, item: Any) -> None:
     self._mgr.save(step, args=ocp.args.StandardSave(item), force=True)
 
-  def publish(self, step: int, params: Any) -> None:
-    # Copy and fingerprint are dispatched asynchronously like any jitted call.
-    item = {"params": _copy(params), "fingerprint": fingerprint(params)}
+  def publish(self, step: int, params: Any, if_idle: bool = False) -> bool:
+    """Publishes `params` as `step`; returns False if it skipped.
+
+    Args:
+      step: the step the params are of.
+      params: the group's params (not modified; safe to donate afterwards).
+      if_idle: skip instead of waiting when the previous save is still being
+        written (on a saturated host a save can outlast the exchange
+        interval; peers then keep a slightly staler teacher rather than the
+        training loop stalling).
+    """
     if not self._background:
-      self._save(step, item)
-      return
+      copy, fp = _copy_with_fingerprint(params)
+      self._save(step, {"params": copy, "fingerprint": fp})
+      return True
     if self._future is not None:
-      # Normally long done; if saves are slower than the exchange interval,
-      # this is where the loop waits (and the blocked share shows it).
+      if if_idle and not self._future.done():
+        self.skipped += 1
+        return False
       self._future.result()  # Also re-raises an error of the previous save.
-    self._future = self._pool.submit(self._save, step, item)
+    # One dispatch: a device copy (the live params are donated to the next
+    # step) and its fingerprint; the save itself runs on the background thread.
+    copy, fp = _copy_with_fingerprint(params)
+    self._future = self._pool.submit(
+        self._save, step, {"params": copy, "fingerprint": fp})
+    return True
 
   def wait(self) -> None:
     if self._future is not None:
@@ -97,7 +113,9 @@ class Publisher:
     self._mgr.close()
 
 
-_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+@jax.jit
+def _copy_with_fingerprint(params):
+  return jax.tree.map(jnp.copy, params), fingerprint(params)
 
 
 def committed_steps(directory: str) -> list[int]:

@@ -358,7 +358,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           t = time.perf_counter()
           if multi_process:  # Orbax finalizers of two managers must not
             grp.checkpointer.wait()  # interleave their cross-process barriers.
-          grp.publisher.publish(done, grp.state.params)
+          # Never stall on a slow save mid-run; the final params always go.
+          grp.publisher.publish(done, grp.state.params, if_idle=done != total)
           grp.exchange_blocked_s += time.perf_counter() - t
         for grp in run:
           t = time.perf_counter()
@@ -381,6 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             scalars.update(grp.reader.staleness(done))
             scalars["exchange_blocked_share"] = grp.exchange_blocked_s / max(
                 now - wall0, 1e-9)
+            scalars["publishes_skipped"] = grp.publisher.skipped
           grp.writer.write(done, scalars)
           losses_str.append(f"{scalars['loss']:.4f}")
         eta = (total - done) / max(rate, 1e-9)

@@ -182,3 +182,12 @@ def test_one_teacher_entropy_shortcut_matches_xlogy():
     slow = losses.distill_divergence(zs, p, None, divergence="kl",
                                      temperature=temp, binary=False)
     np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_peer_agreement_is_top1_agreement():
+  zs = jax.random.normal(jax.random.PRNGKey(5), (50, 9))
+  pt = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(6), (50, 9)) * 2)
+  w = jnp.ones(50).at[:5].set(0.0)
+  want = np.average(np.argmax(zs, -1) == np.argmax(pt, -1), weights=w)
+  got = losses.agreement(zs, pt, w, binary=False)["peer_agreement"]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
