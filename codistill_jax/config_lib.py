@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.codistill.teacher_source = "peers"
   c.codistill.exchange_every = 50  # Steps between publish + reload of peers.
   c.codistill.exchange_dir = ""  # '' = the workdir; NFS or gs:// paths work.
+  # True: wait until published and reloaded at each exchange (deterministic
+  # staleness, reproducible single-process runs); False: in the background.
+  c.codistill.exchange_blocking = False
   c.codistill.burn_in_steps = 0  # alpha = 0 before this step.
   c.codistill.alpha = 1.0  # Weight of the distillation term after burn-in.
   c.codistill.alpha_ramp_steps = 0  # Linear ramp of alpha after burn-in.

@@ -359,11 +359,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           if multi_process:  # Orbax finalizers of two managers must not
             grp.checkpointer.wait()  # interleave their cross-process barriers.
           # Never stall on a slow save mid-run; the final params always go.
-          grp.publisher.publish(done, grp.state.params, if_idle=done != total)
+          grp.publisher.publish(done, grp.state.params, if_idle=(
+              done != total and not cd.exchange_blocking))
+          if cd.exchange_blocking:
+            grp.publisher.wait()
           grp.exchange_blocked_s += time.perf_counter() - t
         for grp in run:
           t = time.perf_counter()
-          grp.reader.start_refresh()
+          grp.reader.refresh(block=cd.exchange_blocking)
           grp.exchange_blocked_s += time.perf_counter() - t
 
       if is_time(done, config.log_every, total):
