@@ -41,6 +41,10 @@ from codistill_jax import step as step_lib
 from codistill_jax.errors import ConfigError
 
 
+# How many steps the host may dispatch ahead of the devices.
+MAX_STEPS_AHEAD = 2
+
+
 def is_time(step: int, every: int, total: int | None = None) -> bool:
   """The one 'is it time to X' rule: every `every` steps, and at the end."""
   return (every > 0 and step > 0 and step % every == 0) or step == total
@@ -349,6 +353,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         args = (grp.teachers(),) if (grp.reader or grp.fixed_teachers) else ()
         grp.state, m = grp.train_step(grp.state, batch, *args)
         grp.pending.append(m)
+        if len(grp.pending) > MAX_STEPS_AHEAD:
+          # Bound async dispatch: otherwise the host queues hundreds of steps
+          # and anything else sent to the devices (eval, the exchange's copy
+          # and restores) waits behind all of them.
+          jax.block_until_ready(grp.pending[-MAX_STEPS_AHEAD - 1]["loss"])
         steps[grp.index] = step + 1
       done = step + 1
 
@@ -367,6 +376,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         for grp in run:
           t = time.perf_counter()
           grp.reader.refresh(block=cd.exchange_blocking)
+          grp.exchange_blocked_s += time.perf_counter() - t
+
+      # Halfway between exchanges, look again for peers' saves that had not
+      # committed yet when this group refreshed (bounds staleness ~1.5x).
+      half = cd.exchange_every // 2
+      if (use_peers and not cd.exchange_blocking and half and
+          is_time(done + half, cd.exchange_every)):
+        for grp in run:
+          t = time.perf_counter()
+          grp.reader.start_refresh()
           grp.exchange_blocked_s += time.perf_counter() - t
 
       if is_time(done, config.log_every, total):
