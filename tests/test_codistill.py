@@ -189,8 +189,12 @@ def _peer_steps_seen(workdir, g, peer):
 
 @pytest.mark.slow
 def test_three_groups_as_three_processes(tmp_path):
+  # Enough steps that the three runs overlap although they start seconds
+  # apart (each quick step takes milliseconds).
   result = launch(str(tmp_path), "--config.codistill.num_groups=3",
-                  "--config.total_steps=60", "--config.log_every=5")
+                  "--config.total_steps=3000", "--config.log_every=50",
+                  "--config.codistill.exchange_every=20",
+                  "--config.eval_every=3000", "--config.checkpoint_every=3000")
   assert result.returncode == 0, result.stdout + result.stderr
   for g in range(3):
     for peer in set(range(3)) - {g}:
@@ -200,8 +204,10 @@ def test_three_groups_as_three_processes(tmp_path):
 @pytest.mark.slow
 def test_group_as_two_process_jax_job(tmp_path):
   result = launch(str(tmp_path), "--processes_per_group=2",
-                  "--config.total_steps=40", "--config.log_every=5",
-                  "--config.codistill.burn_in_steps=0")
+                  "--config.total_steps=400", "--config.log_every=20",
+                  "--config.codistill.exchange_every=20",
+                  "--config.codistill.burn_in_steps=0",
+                  "--config.eval_every=400", "--config.checkpoint_every=400")
   logs = {f: open(tmp_path / "logs" / f).read()
           for f in os.listdir(tmp_path / "logs")}
   assert result.returncode == 0, result.stdout + "\n".join(
@@ -212,6 +218,6 @@ def test_group_as_two_process_jax_job(tmp_path):
   for g in (0, 1):
     assert _peer_steps_seen(str(tmp_path), g, 1 - g)
   # Both processes of a group computed the same (replicated) result.
-  params = [restore_params(str(tmp_path), 40, g) for g in (0, 1)]
+  params = [restore_params(str(tmp_path), 400, g) for g in (0, 1)]
   assert not np.allclose(jax.tree.leaves(params[0])[0],
                          jax.tree.leaves(params[1])[0])
