@@ -26,25 +26,15 @@ Data modules know no models: `Datasets.info` describes the data (num_classes,
 vocab_size, cardinalities, ...) and the trainer passes what a model asks for.
 """
 
-import importlib
+from codistill_jax import plugins
 
-from codistill_jax.errors import ConfigError
+_NOT_SOURCES = ("common", "tokenizer")
 
 
 def get_module(name: str):
   """Imports `codistill_jax.data.<name>` or raises a ConfigError."""
-  try:
-    return importlib.import_module(f"codistill_jax.data.{name}")
-  except ModuleNotFoundError as e:
-    if e.name != f"codistill_jax.data.{name}":
-      raise
-    raise ConfigError(
-        f"config.data.name={name!r} is not a data module; use one of "
-        f"{available()}") from None
+  return plugins.load("data", name, "config.data.name", _NOT_SOURCES)
 
 
 def available() -> list[str]:
-  import pkgutil  # pylint: disable=g-import-not-at-top
-  from codistill_jax import data  # pylint: disable=g-import-not-at-top
-  return sorted(m.name for m in pkgutil.iter_modules(data.__path__)
-                if m.name not in ("common",) and not m.name.startswith("_"))
+  return plugins.available("data", _NOT_SOURCES)

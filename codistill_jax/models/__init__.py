@@ -11,29 +11,19 @@ Models that support sampled output heads also define `hidden(x, train)` and
 """
 
 import dataclasses
-import importlib
 from typing import Any, Mapping
 
+from codistill_jax import plugins
 from codistill_jax.errors import ConfigError
 
 
 def get_module(name: str):
   """Imports `codistill_jax.models.<name>` or raises a ConfigError."""
-  try:
-    return importlib.import_module(f"codistill_jax.models.{name}")
-  except ModuleNotFoundError as e:
-    if e.name != f"codistill_jax.models.{name}":
-      raise
-    raise ConfigError(
-        f"config.model_name={name!r} is not a model module; use one of "
-        f"{available()}") from None
+  return plugins.load("models", name, "config.model_name")
 
 
 def available() -> list[str]:
-  import pkgutil  # pylint: disable=g-import-not-at-top
-  from codistill_jax import models  # pylint: disable=g-import-not-at-top
-  return sorted(m.name for m in pkgutil.iter_modules(models.__path__)
-                if not m.name.startswith("_"))
+  return plugins.available("models")
 
 
 def build(name: str, kwargs: Mapping[str, Any], info: Mapping[str, Any]):
