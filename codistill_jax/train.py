@@ -350,7 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if steps[grp.index] > step:
           continue  # This group resumed from a later checkpoint.
         batch = mesh_lib.shard_batch(next(grp.batches), grp.batch_sharding)
-        args = (grp.teachers(),) if (grp.reader or grp.fixed_teachers) else ()
+        distils = grp.reader is not None or grp.fixed_teachers is not None
+        args = (grp.teachers(),) if distils else ()
         grp.state, m = grp.train_step(grp.state, batch, *args)
         grp.pending.append(m)
         if len(grp.pending) > MAX_STEPS_AHEAD:
