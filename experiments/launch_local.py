@@ -10,9 +10,10 @@ collectives), i.e. the multi-host code path run for real.
       --workdir=/tmp/codistill [--config.codistill.num_groups=3] \
       [--processes_per_group=2] [--devices_per_process=1]
 
-Logs go to WORKDIR/logs/group_<g>.proc_<p>.log. SIGTERM/SIGINT are passed on
-to every process (each saves a checkpoint and exits); the launcher exits with
-the first non-zero exit code of its processes.
+Logs go to WORKDIR/logs/group_<g>.proc_<p>.log. SIGTERM or SIGINT (Ctrl-C)
+to the launcher becomes SIGTERM to every process (each saves a checkpoint and
+exits); the launcher exits with the first non-zero exit code of its
+processes.
 """
 
 import os
@@ -83,15 +84,18 @@ def main(argv):
   for cmd, env, log in commands(config_args, _WORKDIR.value, groups,
                                 _PROCS.value, _DEVICES.value, _PLATFORM.value):
     f = open(os.path.join(logdir, log), "a")
+    # Own session: a terminal's Ctrl-C reaches only the launcher, which turns
+    # it into SIGTERM for every process (save a checkpoint, exit cleanly).
     procs.append((subprocess.Popen(cmd, env=env, stdout=f,
-                                   stderr=subprocess.STDOUT), log, f))
+                                   stderr=subprocess.STDOUT,
+                                   start_new_session=True), log, f))
     print(f"started {log}: {' '.join(cmd[1:])}", flush=True)
 
   def forward(signum, frame):
-    del frame
+    del signum, frame
     for proc, _, _ in procs:
       if proc.poll() is None:
-        proc.send_signal(signum)
+        proc.send_signal(signal.SIGTERM)
 
   signal.signal(signal.SIGTERM, forward)
   signal.signal(signal.SIGINT, forward)

@@ -221,3 +221,44 @@ def test_group_as_two_process_jax_job(tmp_path):
   params = [restore_params(str(tmp_path), 400, g) for g in (0, 1)]
   assert not np.allclose(jax.tree.leaves(params[0])[0],
                          jax.tree.leaves(params[1])[0])
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_launcher_saves_every_group_and_rerun_resumes(tmp_path):
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  args = [sys.executable, "experiments/launch_local.py",
+          "--config=configs/flights_codistill.py:quick",
+          f"--workdir={tmp_path}", "--config.total_steps=20000",
+          "--config.log_every=10", "--config.checkpoint_every=100000"]
+  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  logs = [tmp_path / f"group_{g}" / "metrics.jsonl" for g in (0, 1)]
+  deadline = time.time() + 240
+  while time.time() < deadline and not all(
+      p.exists() and metrics.read_jsonl(str(p)) for p in logs):
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out
+  for g in (0, 1):
+    steps = [int(d) for d in os.listdir(tmp_path / f"group_{g}" / "checkpoints")
+             if d.isdigit()]
+    assert steps and max(steps) < 20000, (g, steps)
+  # The same command resumes each group from its own checkpoint.
+  lines = [len(metrics.read_jsonl(str(p))) for p in logs]
+  rerun = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  # Stop it once both groups logged again, i.e. are inside the loop (a
+  # SIGTERM during start-up, before the handler exists, just kills).
+  deadline = time.time() + 240
+  while time.time() < deadline and not all(
+      len(metrics.read_jsonl(str(p))) > n for p, n in zip(logs, lines)):
+    time.sleep(0.2)
+  rerun.send_signal(signal.SIGTERM)
+  out, _ = rerun.communicate(timeout=240)
+  assert rerun.returncode == 0, out
+  for f in ("group_0.proc_0.log", "group_1.proc_0.log"):
+    assert "resumed from its own checkpoint" in (tmp_path / "logs" / f
+                                                 ).read_text()
