@@ -15,7 +15,6 @@ r"""Codistillation overhead: G-way step vs the baseline step, and exchange cost.
 Writes experiments/results/bench_codistill.json.
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -127,6 +126,7 @@ def exchange_cost(name: str, steps: int) -> dict:
 def main(argv):
   del argv
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import bench_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   if "xla_force_host_platform_device_count" not in os.environ.get(
       "XLA_FLAGS", ""):
@@ -141,10 +141,7 @@ def main(argv):
   for item in filter(None, _EXCHANGE.value):
     name, steps = item.split(":")
     results["exchange"].append(exchange_cost(name, int(steps)))
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {_OUT.value}")
+  bench_lib.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":

@@ -28,3 +28,12 @@ def median_time(fn, n: int) -> float:
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t)
   return float(np.median(times))
+
+
+def write_json(path: str, results) -> None:
+  """Writes a benchmark's numbers (the README points at these files)."""
+  import json  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(results, f, indent=2)
+  print(f"wrote {path}")

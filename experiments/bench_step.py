@@ -11,8 +11,6 @@ divided by the time of one train step; the codistillation overhead floor is
 `step * (1 + (G - 1) * forward/step)` for G groups.
 """
 
-import json
-import os
 
 from absl import app
 from absl import flags
@@ -88,10 +86,7 @@ def main(argv):
             f"{row['compile_s']:>11.2f}{row['step_ms']:>10.2f}"
             f"{row['examples_per_s']:>10.0f}{row['forward_over_step']:>10.3f}",
             flush=True)
-  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  with open(_OUT.value, "w") as f:
-    json.dump(results, f, indent=2)
-  print(f"wrote {_OUT.value}")
+  bench_lib.write_json(_OUT.value, results)
 
 
 if __name__ == "__main__":
