@@ -1,0 +1,86 @@
+"""Elastic, fault-tolerant teacher-inference service on Ray (EDL-Dist).
+
+Teacher inference leaves the training job (Liu et al. 2022): a pool of Ray
+actors, each serving a trained teacher checkpoint on its own device, answers
+the student's input batches with soft targets; the student's data iterator is
+wrapped so that each batch arrives with `batch['teacher']` (dense
+`{'probs'}` or sparse `{'topk_ids', 'topk_probs'}` at temperature T), and the
+train step distils from it with the same loss code as in-process
+distillation (`step.Distill(teacher_apply_fn=None, ...)`).
+
+  teacher.py  `TeacherSpec` (plain data) and `Teacher` (checkpoint + jitted
+              predict); no Ray. Also the in-process fallback.
+  pool.py     loopback cluster, the `TeacherWorker` actor, discovery through
+              Ray's named-actor registry.
+  reader.py   `TargetReader`: in-flight window, order, retries, timeouts,
+              join/leave, wait or fall back when no worker is alive.
+
+Optional extra: `pip install -e .[service]`. Only `train.py` imports this
+package, lazily, for `config.codistill.teacher_source='service'`.
+"""
+
+from typing import Iterator
+
+import ml_collections
+import ray
+
+from codistill_jax.service import pool as pool_lib
+from codistill_jax.service import reader as reader_lib
+from codistill_jax.service import teacher as teacher_lib
+from codistill_jax.service.reader import NoTeacherError  # pylint: disable=unused-import
+from codistill_jax.service.reader import TargetReader  # pylint: disable=unused-import
+from codistill_jax.service.reader import TeacherRequestError  # pylint: disable=unused-import
+from codistill_jax.service.teacher import Teacher  # pylint: disable=unused-import
+from codistill_jax.service.teacher import TeacherSpec  # pylint: disable=unused-import
+
+
+class Service:
+  """A run's view of the pool: workers it started plus any that join."""
+
+  def __init__(self, spec: teacher_lib.TeacherSpec,
+               settings: ml_collections.ConfigDict):
+    """Connects (or starts a loopback cluster) and starts `num_workers`.
+
+    Args:
+      spec: the teacher.
+      settings: `config.codistill.service`.
+    """
+    self.spec, self.settings = spec, settings
+    need = max(settings.num_workers * settings.worker_cpus, 1)
+    self.owns_cluster = pool_lib.connect(settings.address, num_cpus=None if
+                                         need <= _cpus() else need)
+    self.workers = pool_lib.start_workers(
+        spec, settings.num_workers, cpus=settings.worker_cpus,
+        gpus=settings.worker_gpus)
+    if self.workers:  # Load and compile before the student needs targets.
+      ray.wait([w.ready.remote() for w in self.workers],
+               num_returns=len(self.workers), timeout=settings.wait_timeout_s)
+
+  def reader(self, batches: Iterator[dict]) -> reader_lib.TargetReader:
+    s = self.settings
+    return reader_lib.TargetReader(
+        batches, pool_lib.Pool(self.spec.fingerprint()),
+        depth=s.in_flight, timeout_s=s.request_timeout_s, retries=s.retries,
+        no_worker=s.no_worker, wait_timeout_s=s.wait_timeout_s,
+        fallback=lambda: teacher_lib.Teacher(self.spec))
+
+  def close(self) -> None:
+    """Stops the workers this run started, and a cluster it started."""
+    for w in self.workers:
+      ray.kill(w)
+    self.workers = []
+    if self.owns_cluster:
+      ray.shutdown()
+      self.owns_cluster = False
+
+
+def _cpus() -> int:
+  import os  # pylint: disable=g-import-not-at-top
+  return os.cpu_count() or 1
+
+
+def start(config: ml_collections.ConfigDict, info: dict,
+          example_batch: dict) -> Service:
+  """The service of `config.codistill` for a dataset with `info`."""
+  spec = teacher_lib.spec_from_config(config, info, example_batch)
+  return Service(spec, config.codistill.service)
