@@ -6,10 +6,14 @@ are checked sample by sample, and every target is compared with the
 in-process teacher's on the same batch.
 """
 
+import dataclasses
+import importlib.util
 import ipaddress
 import os
 import signal
+import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -18,12 +22,15 @@ import pytest
 ray = pytest.importorskip("ray")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import codistill_jax
 from codistill_jax import data as data_lib
 from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
+from codistill_jax import metrics as metrics_lib
 from codistill_jax import train
 from codistill_jax.service import pool as pool_lib
 from codistill_jax.service import reader as reader_lib
+from codistill_jax.errors import ConfigError
 from codistill_jax.service import teacher as teacher_lib
 from tests.test_train import load_config
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -317,3 +324,140 @@ def _is_loopback(ip: str) -> bool:
   addr = ipaddress.ip_address(ip)
   return addr.is_loopback or bool(
       getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
+
+
+# ---------------------------------------------------------------------------
+# The trainer: teacher_source='service'.
+# ---------------------------------------------------------------------------
+def student_config(teacher_dir, teacher_model, source, **service):
+  config = load_config("flights")
+  config.total_steps, config.log_every = 60, 1
+  config.eval_every = config.checkpoint_every = 60
+  cd = config.codistill
+  cd.teacher_source, cd.teacher_checkpoint = source, teacher_dir
+  cd.teacher_model_name = "ctr_mlp"
+  cd.teacher_model.unlock()
+  cd.teacher_model.update(teacher_model)
+  cd.burn_in_steps, cd.temperature = 0, 2.0
+  cd.service.worker_cpus = WORKER_CPUS
+  for k, v in service.items():
+    cd.service[k] = v
+  return config
+
+
+def train_rows(config, workdir):
+  final = train.train_and_evaluate(config, workdir)
+  rows = [r for r in metrics_lib.read_jsonl(
+      os.path.join(workdir, "group_0", "metrics.jsonl")) if "loss" in r]
+  return final, rows
+
+
+@pytest.mark.slow
+def test_two_phase_run_through_the_service_matches_in_process_and_survives(
+    tmp_path, cluster, monkeypatch):
+  del cluster
+  teacher = load_config("flights")
+  teacher.model.hidden_sizes, teacher.total_steps = (24, 8), 10
+  train.train_and_evaluate(teacher, str(tmp_path / "teacher"))
+  args = (str(tmp_path / "teacher"), teacher.model.to_dict())
+  want_final, want = train_rows(student_config(*args, "checkpoint"),
+                                str(tmp_path / "in_process"))
+
+  # The same run through the service, while workers are killed and added:
+  # the data iterator (read ahead by the service's reader) does it when the
+  # reader draws given batches, so it happens mid-run with requests in
+  # flight.
+  real = data_lib.get_module("flights")
+  events = []
+
+  def get_datasets(config, **kwargs):
+    ds = real.get_datasets(config, **kwargs)
+
+    def chaos(start):
+      for s, batch in enumerate(ds.train(start), start):
+        names = sorted(a["name"] for a in ray.util.list_named_actors(
+            all_namespaces=True))
+        if s == 15:  # SIGKILL the process of one worker.
+          actor = ray.get_actor(names[0], namespace=pool_lib.NAMESPACE)
+          os.kill(ray.get(actor.ready.remote())["pid"], signal.SIGKILL)
+          events.append(("os.kill", names[0]))
+        elif s == 25:  # A new worker joins.
+          spec = teacher_lib.spec_from_config(config, ds.info, batch)
+          (h,) = pool_lib.start_workers(spec, 1, cpus=WORKER_CPUS)
+          ray.get(h.ready.remote())
+          events.append(("join", None))
+        elif s == 40:  # ray.kill another.
+          ray.kill(ray.get_actor(names[-1], namespace=pool_lib.NAMESPACE))
+          events.append(("ray.kill", names[-1]))
+        yield batch
+
+    return dataclasses.replace(ds, train=chaos)
+
+  shim = types.SimpleNamespace(**{**vars(real), "get_datasets": get_datasets})
+  monkeypatch.setattr(data_lib, "get_module", lambda name: shim)
+  got_final, got = train_rows(
+      student_config(*args, "service", num_workers=2, in_flight=4),
+      str(tmp_path / "service"))
+  assert [e[0] for e in events] == ["os.kill", "join", "ray.kill"]
+
+  # Every step trained on its own batch with the right target: the same
+  # numbers as in-process distillation (same loss code; targets agree to
+  # float rounding).
+  assert [r["step"] for r in got] == [r["step"] for r in want]
+  for key in ("loss", "task_loss", "distill_loss", "peer_abs_diff"):
+    np.testing.assert_allclose([r[key] for r in got], [r[key] for r in want],
+                               rtol=1e-5, atol=1e-6, err_msg=key)
+  for key, value in want_final[0].items():
+    assert got_final[0][key] == pytest.approx(value, rel=1e-5), key
+  assert all(r["alpha"] == 1.0 and r["distill_loss"] > 0 for r in got)
+  last = got[-1]
+  assert last["service/workers_left"] == 2
+  assert last["service/workers_joined"] == 3
+  assert last["service/workers"] == 1
+  assert last["service/fallback_batches"] == 0
+  # The run's own workers are stopped at the end.
+  deadline = time.time() + 10
+  while time.time() < deadline and ray.util.list_named_actors(
+      all_namespaces=True):
+    time.sleep(0.05)
+  assert not ray.util.list_named_actors(all_namespaces=True)
+
+
+# ---------------------------------------------------------------------------
+# Configuration.
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("field,value,match", [
+    ("service.no_worker", "retry", "no_worker"),
+    ("service.in_flight", 0, "in_flight"),
+    ("service.request_timeout_s", 0.0, "request_timeout_s"),
+    ("service.retries", -1, "retries"),
+    ("service.sparse_topk", 5, "softmax"),
+    ("divergence", "mse", "probabilities, not logits"),
+    ("teacher_checkpoint", "", "teacher_checkpoint"),
+])
+def test_bad_service_config_is_a_clear_error(tmp_path, field, value, match):
+  config = student_config(str(tmp_path), {}, "service")
+  node = config.codistill
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ConfigError, match=match):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_without_ray_the_error_names_the_extra(tmp_path, monkeypatch):
+  config = student_config(str(tmp_path), {}, "service")
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+      None if name == "ray" else real_find_spec(name, *a)))
+  with pytest.raises(ConfigError, match=r"pip install -e \.\[service\]"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  # And where the trainer imports the service, lazily.
+  monkeypatch.setitem(sys.modules, "ray", None)
+  for name in [m for m in sys.modules if m.startswith("codistill_jax.service")]:
+    monkeypatch.delitem(sys.modules, name)
+  monkeypatch.delattr(codistill_jax, "service")
+  with pytest.raises(ConfigError, match=r"pip install -e \.\[service\]"):
+    train.teacher_service(config, None)

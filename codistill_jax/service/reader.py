@@ -104,6 +104,15 @@ class TargetReader:
     self._fill()  # Keep `depth` in flight while the caller trains.
     return {**head.batch, "teacher": target}
 
+  def metrics(self) -> dict[str, float]:
+    """Scalars for the trainer's log (counts since the start)."""
+    return {"service/workers": float(len(self.pool.usable())),
+            "service/workers_joined": float(self.pool.joined),
+            "service/workers_left": float(self.pool.left),
+            "service/retries": float(self.stats["retries"]),
+            "service/timeouts": float(self.stats["timeouts"]),
+            "service/fallback_batches": float(self.stats["fallback_batches"])}
+
   def close(self) -> None:
     """Forgets outstanding requests (their late answers are dropped)."""
     for item in self._pending:
