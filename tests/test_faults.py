@@ -1,0 +1,497 @@
+"""Fault injection: killed, preempted and starved groups of real jobs.
+
+Every group runs as its own process (`python -m codistill_jax.main
+--groups=g`, one CPU device each), as `experiments/launch_local.py` starts
+them and as separate jobs on a cluster would run; they share only the
+workdir. Faults are injected from outside, as a machine or a scheduler would:
+
+  * kill -9 of one group's process at a random step (seeded), 5 trials in a
+    2-group and a 3-group job, each victim restarted with the same command;
+  * SIGTERM to a job holding every group -> clean checkpoints, exact resume;
+  * truncated, garbage and metadata-less peer checkpoints dropped onto the
+    shared storage while a reader process trains;
+  * a workdir that cannot be created, and a disk that fills up mid-run.
+
+Run with `python -m pytest -q -m faults`; every test here is also `slow`.
+Figures (trials, kill steps, what each group held) are printed; run with
+`-s` to see them.
+"""
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from codistill_jax import exchange
+from codistill_jax import metrics
+from codistill_jax import train
+from tests.test_train import ROOT, assert_trees_equal, load_config
+from tests.test_train import restore_params
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+# The kill-trial jobs: flights CTR, quick model, long enough that every group
+# is mid-run when another one dies.
+TOTAL = 600
+EXCHANGE = 10
+CHECKPOINT = 50
+JOB_FLAGS = [f"--config.total_steps={TOTAL}", "--config.log_every=5",
+             f"--config.checkpoint_every={CHECKPOINT}",
+             f"--config.eval_every={TOTAL}",
+             f"--config.codistill.exchange_every={EXCHANGE}",
+             "--config.codistill.burn_in_steps=20"]
+# Final test metrics of a faulted job must lie in the range of the groups of
+# an uninterrupted job, widened on each side by the range itself or by this
+# floor, whichever is larger.
+TOLERANCE = {"test/log_loss": 0.01, "test/auc": 0.02}
+
+
+# ---------------------------------------------------------------------------
+# Running groups as processes.
+# ---------------------------------------------------------------------------
+def child_env(devices=1):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return env
+
+
+def start_group(workdir, group, num_groups, *flags, log_name=None,
+                config="configs/flights_codistill.py:quick", logdir=None):
+  """Starts one group as its own process (own session, so killpg works)."""
+  logdir = logdir or os.path.join(workdir, "logs")
+  os.makedirs(logdir, exist_ok=True)
+  log = open(os.path.join(logdir, log_name or f"group_{group}.log"), "a")
+  cmd = [sys.executable, "-m", "codistill_jax.main", f"--config={config}",
+         f"--workdir={workdir}", f"--groups={group}",
+         f"--config.codistill.num_groups={num_groups}", *flags]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=log,
+                          stderr=subprocess.STDOUT, start_new_session=True)
+  proc.log = log
+  return proc
+
+
+def finish(proc, timeout=300):
+  try:
+    return proc.wait(timeout=timeout)
+  finally:
+    proc.log.close()
+
+
+def rows(workdir, group):
+  path = os.path.join(workdir, f"group_{group}", "metrics.jsonl")
+  return metrics.read_jsonl(path) if os.path.exists(path) else []
+
+
+def last_step(workdir, group):
+  return max((r["step"] for r in rows(workdir, group)), default=0)
+
+
+def wait_until(predicate, timeout, what):
+  deadline = time.time() + timeout
+  while not predicate():
+    if time.time() > deadline:
+      raise AssertionError(f"timed out waiting for {what}")
+    time.sleep(0.05)
+
+
+def ckpt_dir(workdir, group):
+  return os.path.join(workdir, f"group_{group}", "checkpoints")
+
+
+def committed(directory):
+  return exchange.committed_steps(directory)
+
+
+def uncommitted(directory):
+  """Orbax's temporary (never renamed) step directories."""
+  if not os.path.isdir(directory):
+    return []
+  return [d for d in os.listdir(directory) if "orbax-checkpoint-tmp" in d]
+
+
+def held_steps(workdir, group, peer):
+  """(own step, peer step held as teacher, row) for every logged row."""
+  key = f"staleness/group_{peer}"
+  return [(r["step"], r["step"] - r[key], r) for r in rows(workdir, group)
+          if key in r]
+
+
+def final_metrics(workdir, group):
+  return [r for r in rows(workdir, group) if "test/log_loss" in r][-1]
+
+
+# ---------------------------------------------------------------------------
+# kill -9 at random points.
+# ---------------------------------------------------------------------------
+def run_job_with_kills(workdir, num_groups, victims, rng):
+  """Starts all groups; kills and restarts each victim in turn at a random
+  step; returns one record per kill once every process has finished."""
+  procs = {g: start_group(workdir, g, num_groups, *JOB_FLAGS)
+           for g in range(num_groups)}
+  trials = []
+  try:
+    for n, victim in enumerate(victims):
+      # A random step ahead of the victim, while the others still run. The
+      # next victim is killed while this one restarts: with ~60 steps/s and
+      # ~10 s start-up, waiting for it would let the others finish first.
+      now = last_step(workdir, victim)
+      kill_at = min(now + rng.randint(5, 150), TOTAL - 100)
+      wait_until(lambda v=victim, k=kill_at: last_step(workdir, v) >= k or
+                 procs[v].poll() is not None, 240, f"group {victim} to reach "
+                 f"step {kill_at}")
+      assert procs[victim].poll() is None, "the victim finished too early"
+      os.killpg(procs[victim].pid, signal.SIGKILL)
+      assert finish(procs[victim]) == -signal.SIGKILL
+      others = [g for g in range(num_groups) if g != victim]
+      trial = {
+          "groups": num_groups, "victim": victim, "kill_at": kill_at,
+          "logged": last_step(workdir, victim), "time": time.time(),
+          "checkpoints": committed(ckpt_dir(workdir, victim)),
+          "published": committed(exchange.published_dir(workdir, victim)),
+          "tmp_left": uncommitted(ckpt_dir(workdir, victim)) + uncommitted(
+              exchange.published_dir(workdir, victim)),
+          "others_at": {h: last_step(workdir, h) for h in others},
+          "others_running": [h for h in others if procs[h].poll() is None]}
+      # The others train on: wait for two more exchanges (or their end).
+      wait_until(lambda t=trial: all(
+          last_step(workdir, h) >= min(TOTAL, t["others_at"][h] +
+                                       2 * EXCHANGE) for h in others), 240,
+                 "the other groups to go on")
+      trial["restart_time"] = time.time()
+      procs[victim] = start_group(workdir, victim, num_groups, *JOB_FLAGS,
+                                  log_name=f"group_{victim}.restart_{n}.log")
+      trials.append(trial)
+    codes = {g: finish(p) for g, p in procs.items()}
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+  logs = sorted(os.listdir(os.path.join(workdir, "logs")))
+  assert all(c == 0 for c in codes.values()), (codes, [
+      open(os.path.join(workdir, "logs", f)).read()[-2000:] for f in logs])
+  return trials
+
+
+def check_trial(workdir, trial, n):
+  victim = trial["victim"]
+  # The others kept training on the victim's last published params: rows
+  # logged between the kill and the restart hold a committed step of the
+  # victim no newer than its newest at the kill, still with weight (alpha 1
+  # after burn-in and a non-zero distillation loss).
+  newest = max(trial["published"], default=-1)
+  for h in trial["others_running"]:
+    after = [r for r in rows(workdir, h)
+             if trial["time"] < r["time"] < trial["restart_time"]]
+    assert after and after[-1]["step"] > trial["others_at"][h], (h, trial)
+    gap = [(s, held, r) for s, held, r in held_steps(workdir, h, victim)
+           if trial["time"] < r["time"] < trial["restart_time"]]
+    assert all(held <= newest for _, held, _ in gap), (gap, newest)
+    if newest >= 0:  # It had published: that teacher stays in use.
+      assert len(gap) == len(after)
+      assert all(r["alpha"] == 1.0 and r["distill_loss"] > 0
+                 for s, _, r in gap if s > 25)
+  # The victim resumed from its newest committed checkpoint (or, killed
+  # before its first one, from scratch) and not from a half-written one.
+  log = open(os.path.join(workdir, "logs",
+                          f"group_{victim}.restart_{n}.log")).read()
+  if trial["checkpoints"]:
+    resumed = re.findall(r"resumed from its own checkpoint at step (\d+)",
+                         log)
+    assert resumed == [str(max(trial["checkpoints"]))], (resumed, trial)
+  else:
+    assert "resumed from" not in log
+
+
+def check_job(workdir, num_groups):
+  """Every teacher ever held is a committed, whole step; every group done."""
+  for g in range(num_groups):
+    assert final_metrics(workdir, g)["step"] == TOTAL
+    assert max(committed(ckpt_dir(workdir, g))) == TOTAL
+    for h in set(range(num_groups)) - {g}:
+      held = held_steps(workdir, g, h)
+      assert held, (g, h)
+      # Exchanges publish multiples of EXCHANGE (and the final step): a
+      # held step off that grid would be a torn or foreign read.
+      assert all(p % EXCHANGE == 0 and 0 < p <= TOTAL for _, p, _ in held)
+      assert all(r[f"restore_failures/group_{h}"] == 0
+                 for r in rows(workdir, g)
+                 if f"restore_failures/group_{h}" in r)
+
+
+def reference(workdir, num_groups):
+  """An uninterrupted job of the same config: its groups' final metrics."""
+  procs = [start_group(workdir, g, num_groups, *JOB_FLAGS)
+           for g in range(num_groups)]
+  assert [finish(p) for p in procs] == [0] * num_groups
+  return [final_metrics(workdir, g) for g in range(num_groups)]
+
+
+def check_within_spread(faulted, refs):
+  for key, floor in TOLERANCE.items():
+    values = [r[key] for r in refs]
+    width = max(max(values) - min(values), floor)
+    lo, hi = min(values) - width, max(values) + width
+    for g, m in enumerate(faulted):
+      assert lo <= m[key] <= hi, (key, g, m[key], values)
+
+
+@pytest.mark.parametrize("num_groups,victims", [(2, (0, 1)), (3, (2, 0, 1))])
+def test_kill_9_one_group_at_random_points(tmp_path, num_groups, victims):
+  rng = random.Random(1234 + num_groups)
+  workdir = str(tmp_path / "faulted")
+  trials = run_job_with_kills(workdir, num_groups, victims, rng)
+  for n, trial in enumerate(trials):
+    check_trial(workdir, trial, n)
+  check_job(workdir, num_groups)
+  refs = reference(str(tmp_path / "reference"), num_groups)
+  faulted = [final_metrics(workdir, g) for g in range(num_groups)]
+  check_within_spread(faulted, refs)
+  print(json.dumps({"trials": [
+      {k: v for k, v in t.items() if "time" not in k} for t in trials],
+                    "faulted": [{k: m[k] for k in TOLERANCE} for m in faulted],
+                    "reference": [{k: m[k] for k in TOLERANCE} for m in refs]
+                    }, indent=1))
+
+
+# ---------------------------------------------------------------------------
+# SIGTERM: clean checkpoints, exact resume.
+# ---------------------------------------------------------------------------
+def test_sigterm_to_a_job_of_every_group_resumes_exactly(tmp_path):
+  # Both groups in one process (a fake device each) with the blocking
+  # exchange: the only setting in which a codistillation run is a
+  # deterministic function of its config, so resume can be compared bitwise.
+  total = 30
+  flags = [f"--config.total_steps={total}", "--config.log_every=1",
+           "--config.checkpoint_every=1000", "--config.eval_every=1000",
+           "--config.codistill.exchange_every=5",
+           "--config.codistill.burn_in_steps=5",
+           "--config.codistill.exchange_blocking=True",
+           "--config.model.dropout_rate=0.3"]
+  straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
+
+  def start(workdir):
+    return subprocess.Popen(
+        [sys.executable, "-m", "codistill_jax.main",
+         "--config=configs/flights_codistill.py:quick",
+         f"--workdir={workdir}", *flags], cwd=ROOT, env=child_env(2),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+  reference_run = start(straight)
+  stop_at = random.Random(7).randint(8, 20)
+  proc = start(stopped)
+  wait_until(lambda: min(last_step(stopped, g) for g in (0, 1)) >= stop_at,
+             240, f"step {stop_at}")
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out
+  stop = int(re.search(r"stopped at step (\d+) after SIGTERM", out).group(1))
+  assert stop_at <= stop < total
+  for g in (0, 1):
+    # A clean checkpoint: committed at the stop step, nothing left half
+    # written, and it holds the state of that step (its norm was logged).
+    assert committed(ckpt_dir(stopped, g)) == [stop]
+    assert not uncommitted(ckpt_dir(stopped, g))
+    logged = {r["step"]: r for r in rows(stopped, g)}[stop]["param_norm"]
+    assert float(optax.global_norm(restore_params(stopped, stop, g))) == (
+        pytest.approx(logged, rel=1e-6))
+  resumed = start(stopped)
+  out, _ = resumed.communicate(timeout=240)
+  assert resumed.returncode == 0, out
+  assert f"resumed from its own checkpoint at step {stop}" in out, out
+  out_ref, _ = reference_run.communicate(timeout=240)
+  assert reference_run.returncode == 0, out_ref
+  for g in (0, 1):
+    assert_trees_equal(restore_params(straight, total, g),
+                       restore_params(stopped, total, g))
+    # Same losses after the resume, step by step.
+    a = {r["step"]: r["loss"] for r in rows(straight, g) if "loss" in r}
+    b = {r["step"]: r["loss"] for r in rows(stopped, g) if "loss" in r}
+    assert all(a[s] == b[s] for s in range(stop + 1, total + 1))
+
+
+# ---------------------------------------------------------------------------
+# Damaged peer checkpoints on the shared storage.
+# ---------------------------------------------------------------------------
+def _data_files(step_dir):
+  return [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs
+          if os.sep + "d" + os.sep in os.path.join(d, f)]
+
+
+def truncate(step_dir):
+  f = max(_data_files(step_dir), key=os.path.getsize)
+  os.truncate(f, os.path.getsize(f) // 2)
+
+
+def garbage(step_dir):
+  rng = np.random.RandomState(0)
+  for f in _data_files(step_dir):
+    with open(f, "wb") as fh:
+      fh.write(rng.randint(0, 256, os.path.getsize(f), np.uint8).tobytes())
+
+
+def no_metadata(step_dir):
+  os.remove(os.path.join(step_dir, "default", "_METADATA"))
+
+
+def test_damaged_peer_checkpoints_are_skipped_by_a_reader_process(tmp_path):
+  # Group 1's params, published in-process exactly as its own job would.
+  config = load_config("flights_codistill")
+  from codistill_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from codistill_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  datasets = data_lib.get_module("flights").get_datasets(
+      config, group=1, num_groups=2, process_index=0, process_count=1)
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  setup = train.build(config, datasets, mesh)
+  params = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(
+      jax.random.PRNGKey(1)).params
+  scratch = str(tmp_path / "scratch")
+  publisher = exchange.Publisher(scratch, 1, max_to_keep=10)
+  for s in (10, 20, 30, 40, 50):
+    publisher.publish(s, params)
+    publisher.wait()
+  publisher.close()
+  source = exchange.published_dir(scratch, 1)
+  shared = str(tmp_path / "shared")
+  target = exchange.published_dir(shared, 1)
+  os.makedirs(target)
+
+  def drop(step, damage=None):
+    """Appears on the shared storage at once, already damaged (bit rot,
+    a torn copy): a committed step as far as any listing can tell."""
+    staging = str(tmp_path / f"staging_{step}")
+    shutil.copytree(os.path.join(source, str(step)), staging)
+    if damage:
+      damage(staging)
+    os.rename(staging, os.path.join(target, str(step)))
+
+  drop(10)
+  workdir = str(tmp_path / "reader")
+  proc = start_group(workdir, 0, 2, "--config.total_steps=100000",
+                     "--config.log_every=5", "--config.eval_every=100000",
+                     "--config.checkpoint_every=100000",
+                     "--config.codistill.exchange_every=10",
+                     "--config.codistill.burn_in_steps=0",
+                     f"--config.codistill.exchange_dir={shared}")
+  log_path = os.path.join(workdir, "logs", "group_0.log")
+  try:
+    wait_until(lambda: any(p == 10 for _, p, _ in held_steps(workdir, 0, 1)),
+               240, "the good step 10 to be held")
+    damaged = {20: truncate, 30: garbage, 40: no_metadata}
+    for step, damage in damaged.items():
+      drop(step, damage)
+      wait_until(lambda s=step: f"could not restore step {s}:" in open(
+          log_path).read(), 120, f"the reader to reject step {step}")
+    drop(50)
+    wait_until(lambda: any(p == 50 for _, p, _ in held_steps(workdir, 0, 1)),
+               120, "the good step 50 to be held")
+    n = last_step(workdir, 0)
+    wait_until(lambda: last_step(workdir, 0) > n, 60, "one more log step")
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc) == 0
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  log = open(log_path).read()
+  # No error escaped our code. (Orbax's asyncio threads may print "Event
+  # loop is closed" tracebacks after a failed restore; they hold no frame
+  # of this package and the reader goes on.)
+  assert "/codistill_jax/" not in log
+  for step in damaged:
+    reason = re.search(rf"could not restore step {step}: (.*)", log).group(1)
+    print(f"step {step} ({damaged[step].__name__}): {reason[:160]}")
+    assert "Error" in reason
+  # Only whole steps were ever held; every rejection was counted.
+  assert {p for _, p, _ in held_steps(workdir, 0, 1)} == {10, 50}
+  failures = max(r["restore_failures/group_1"] for r in rows(workdir, 0))
+  assert failures >= len(damaged)
+
+
+# ---------------------------------------------------------------------------
+# Storage that refuses writes.
+# ---------------------------------------------------------------------------
+def error_lines(text):
+  return [l for l in text.splitlines() if l.startswith("error:")]
+
+
+def test_workdir_that_cannot_be_created_is_one_line_exit_2(tmp_path):
+  # Root ignores permission bits, so make the failure one root gets too:
+  # the workdir's parent is a regular file (ENOTDIR).
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  workdir = blocker / "run"
+  result = subprocess.run(
+      [sys.executable, "-m", "codistill_jax.main",
+       "--config=configs/flights.py:quick", f"--workdir={workdir}"],
+      cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
+  assert result.returncode == 2, result.stderr
+  assert error_lines(result.stderr) == [
+      f"error: --workdir={workdir} cannot be written (Not a directory); "
+      "point --workdir at a directory this job can create and write"]
+  assert "Traceback" not in result.stderr
+  assert blocker.read_text() == "not a directory"
+
+
+@pytest.fixture
+def tiny_filesystem(tmp_path):
+  """A 4 MiB tmpfs (a real disk that fills up); skipped where mount fails."""
+  path = tmp_path / "tiny"
+  path.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m",
+                            "tmpfs", str(path)], capture_output=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
+  yield path
+  subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_disk_full_mid_run_is_one_line_exit_2_and_rerun_resumes(
+    tiny_filesystem, tmp_path):
+  workdir = str(tiny_filesystem / "run")
+  logdir = str(tmp_path / "logs")  # Off the full disk, to read the error.
+  log = os.path.join(logdir, "group_0.log")
+  flags = ["--config.total_steps=100000", "--config.log_every=5",
+           "--config.checkpoint_every=20", "--config.eval_every=100000"]
+  proc = start_group(workdir, 0, 1, *flags, config="configs/flights.py:quick",
+                     logdir=logdir)
+  # Let a checkpoint commit, then fill the disk as another tenant would.
+  wait_until(lambda: committed(ckpt_dir(workdir, 0)), 240, "a checkpoint")
+  filler = tiny_filesystem / "filler"
+  with open(filler, "wb", buffering=0) as f:
+    try:
+      while True:
+        f.write(b"\0" * 4096)
+    except OSError:
+      pass
+  code = finish(proc, timeout=120)
+  text = open(log).read()
+  assert code == 2, text[-3000:]
+  errors = error_lines(text)
+  assert len(errors) == 1, errors
+  print(errors[0])
+  assert "No space left on device" in errors[0]
+  assert workdir in errors[0] and "rerun the same command" in errors[0]
+  # Nothing half-written is taken as committed: the failed save stays a
+  # temporary directory, and a rerun resumes from the newest committed step.
+  good = committed(ckpt_dir(workdir, 0))
+  assert good and all(s % 20 == 0 for s in good)
+  os.remove(filler)
+  rerun = start_group(workdir, 0, 1, *flags, config="configs/flights.py:quick",
+                      logdir=logdir, log_name="rerun.log")
+  n = len(rows(workdir, 0))
+  # SIGTERM once it trains again (before the loop it would just die).
+  wait_until(lambda: len(rows(workdir, 0)) > n, 240, "the rerun to train")
+  rerun.send_signal(signal.SIGTERM)
+  assert finish(rerun) == 0
+  text = open(os.path.join(logdir, "rerun.log")).read()
+  assert f"resumed from its own checkpoint at step {max(good)}" in text
