@@ -461,3 +461,13 @@ def test_without_ray_the_error_names_the_extra(tmp_path, monkeypatch):
   monkeypatch.delattr(codistill_jax, "service")
   with pytest.raises(ConfigError, match=r"pip install -e \.\[service\]"):
     train.teacher_service(config, None)
+
+
+def test_teacher_of_another_architecture_is_refused_at_start(flights,
+                                                             tmp_path):
+  config = flights[0]
+  wrong = {**config.model.to_dict(), "hidden_sizes": (24, 8)}
+  student = student_config(config.codistill.teacher_checkpoint, wrong,
+                           "service")
+  with pytest.raises(ConfigError, match="another architecture"):
+    train.train_and_evaluate(student, str(tmp_path / "run"))

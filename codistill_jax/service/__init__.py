@@ -19,6 +19,8 @@ Optional extra: `pip install -e .[service]`. Only `train.py` imports this
 package, lazily, for `config.codistill.teacher_source='service'`.
 """
 
+import math
+import os
 from typing import Iterator
 
 import ml_collections
@@ -27,11 +29,13 @@ import ray
 from codistill_jax.service import pool as pool_lib
 from codistill_jax.service import reader as reader_lib
 from codistill_jax.service import teacher as teacher_lib
-from codistill_jax.service.reader import NoTeacherError  # pylint: disable=unused-import
-from codistill_jax.service.reader import TargetReader  # pylint: disable=unused-import
-from codistill_jax.service.reader import TeacherRequestError  # pylint: disable=unused-import
-from codistill_jax.service.teacher import Teacher  # pylint: disable=unused-import
-from codistill_jax.service.teacher import TeacherSpec  # pylint: disable=unused-import
+
+# The names a user of the service needs.
+NoTeacherError = reader_lib.NoTeacherError
+TeacherRequestError = reader_lib.TeacherRequestError
+TargetReader = reader_lib.TargetReader
+Teacher = teacher_lib.Teacher
+TeacherSpec = teacher_lib.TeacherSpec
 
 
 class Service:
@@ -46,9 +50,10 @@ class Service:
       settings: `config.codistill.service`.
     """
     self.spec, self.settings = spec, settings
-    need = max(settings.num_workers * settings.worker_cpus, 1)
-    self.owns_cluster = pool_lib.connect(settings.address, num_cpus=None if
-                                         need <= _cpus() else need)
+    # A local cluster offers at least the CPUs the workers reserve.
+    cpus = max(os.cpu_count() or 1,
+               math.ceil(settings.num_workers * settings.worker_cpus))
+    self.owns_cluster = pool_lib.connect(settings.address, num_cpus=cpus)
     self.workers = pool_lib.start_workers(
         spec, settings.num_workers, cpus=settings.worker_cpus,
         gpus=settings.worker_gpus)
@@ -72,11 +77,6 @@ class Service:
     if self.owns_cluster:
       ray.shutdown()
       self.owns_cluster = False
-
-
-def _cpus() -> int:
-  import os  # pylint: disable=g-import-not-at-top
-  return os.cpu_count() or 1
 
 
 def start(config: ml_collections.ConfigDict, info: dict,

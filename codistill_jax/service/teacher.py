@@ -24,6 +24,7 @@ import numpy as np
 
 from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import models as models_lib
+from codistill_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,13 +62,26 @@ def spec_from_config(config: ml_collections.ConfigDict, info: dict,
       name).Model)}
   example = jax.tree.map(lambda x: np.zeros((1,) + x.shape[1:], x.dtype),
                          example_batch["inputs"])
-  return TeacherSpec(
+  spec = TeacherSpec(
       checkpoint=ckpt_lib.find_step_dir(cd.teacher_checkpoint),
       model_name=name, model_kwargs=kwargs,
       info={k: v for k, v in info.items() if k in fields and k not in kwargs},
       example_inputs=example, temperature=float(cd.temperature),
       binary=config.loss == "sigmoid_xent",
       topk=int(cd.service.sparse_topk), dtype=cd.teacher_dtype)
+  # A checkpoint of another architecture fails here, in the trainer, at
+  # start-up (metadata only), not later in every worker.
+  model = models_lib.build(spec.model_name, spec.model_kwargs, spec.info)
+  problem = ckpt_lib.mismatch(
+      os.path.join(spec.checkpoint, "default"),
+      jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), example,
+                                        train=False)), prefix="params")
+  if problem:
+    raise ConfigError(
+        f"config.codistill.teacher_checkpoint={cd.teacher_checkpoint!r} "
+        f"holds another architecture than teacher_model_name/teacher_model "
+        f"({problem})")
+  return spec
 
 
 def targets_fn(apply_fn, temperature: float, binary: bool, topk: int):
