@@ -488,3 +488,32 @@ def test_committed_steps(tmp_path, make_reader):
                        abstract_of(step_tree(0), reader_mesh()))
   reader.refresh(block=True)
   np.testing.assert_array_equal(np.asarray(reader.teachers().weights), [0.0])
+
+
+# 8. -------------------------------------------------------------------------
+def test_restarted_publisher_keeps_the_steps_it_replays(tmp_path,
+                                                        make_reader):
+  """A group killed after publishing step 2 resumes from an older checkpoint
+  and replays step 2: the committed step 2 stays, nothing crashes."""
+  publish(tmp_path, 0, 1, step_tree(1))
+  publish(tmp_path, 0, 2, step_tree(2))
+  pub = exchange.Publisher(str(tmp_path), 0)  # The restarted process.
+  try:
+    assert not pub.publish(2, on_writer(step_tree(20)))  # The replay.
+    assert pub.publish(3, on_writer(step_tree(3)))
+    pub.wait()
+  finally:
+    pub.close()
+  assert exchange.committed_steps(
+      exchange.published_dir(str(tmp_path), 0)) == [1, 2, 3]
+  reader = make_reader(tmp_path, [0], abstract_of(step_tree(0), reader_mesh()))
+  reader.refresh(block=True)
+  assert_tree_equal(teacher(reader.teachers(), 0), step_tree(3))
+  step2 = exchange.PeerReader(str(tmp_path), [0],
+                              abstract_of(step_tree(0), reader_mesh()))
+  try:
+    step2._restore_one(step2.slots[0], only_step=2)  # pylint: disable=protected-access
+    assert_tree_equal(jax.tree.map(np.asarray, step2.slots[0].params),
+                      step_tree(2))
+  finally:
+    step2.close()
