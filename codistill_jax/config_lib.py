@@ -6,6 +6,7 @@ raises `ConfigError` with a one-line message that names the field and the fix.
 """
 
 import dataclasses
+import importlib.util
 import math
 import os
 
@@ -17,6 +18,7 @@ from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import models as models_lib
 from codistill_jax import optim
+from codistill_jax import sampling
 from codistill_jax.errors import ConfigError
 
 
@@ -64,7 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.codistill = ml_collections.ConfigDict()
   c.codistill.num_groups = 1  # G; 1 (or alpha 0) is the sync baseline.
   # 'peers': distil towards the other groups (codistillation); 'checkpoint':
-  # classic two-phase distillation from a trained teacher of any architecture.
+  # classic two-phase distillation from a trained teacher of any architecture;
+  # 'service': the same teacher served by a pool of Ray workers (EDL-Dist,
+  # `pip install -e .[service]`; settings in codistill.service below).
   c.codistill.teacher_source = "peers"
   c.codistill.exchange_every = 50  # Steps between publish + reload of peers.
   c.codistill.exchange_dir = ""  # '' = the workdir; NFS or gs:// paths work.
@@ -80,6 +84,52 @@ def base_config() -> ml_collections.ConfigDict:
   c.codistill.teacher_checkpoint = ""  # 'checkpoint': a run or step dir.
   c.codistill.teacher_model_name = ""  # 'checkpoint': '' = model_name.
   c.codistill.teacher_model = ml_collections.ConfigDict()  # Its kwargs.
+  # > 0: distil towards the teacher's top-k probabilities plus one tail
+  # bucket with the rest of the mass (what a sparse target store or the
+  # teacher service sends); 0: the full distribution.
+  c.codistill.topk = 0
+  # 'tail' keeps the rest of the mass as a bucket; 'renormalize' rescales the
+  # k probabilities to 1 and drops the tail: biased, for comparison only.
+  c.codistill.topk_mode = "tail"
+
+  # Importance-sampled distillation (Li et al. 2018) for large output spaces:
+  # the output layers of student and teachers are evaluated on K sampled
+  # classes (+ each position's label) only. Needs a model with `hidden` and
+  # `output_embedding` (the Transformer LM), in-process teachers.
+  c.codistill.sampled = ml_collections.ConfigDict()
+  c.codistill.sampled.num_samples = 0  # K; 0 = full-softmax distillation.
+  # 'dynamic' (ranked teacher-student disagreement, Li et al.), 'teacher'
+  # (the teacher's probabilities), 'unigram' (train-split class counts),
+  # 'uniform'.
+  c.codistill.sampled.proposal = "dynamic"
+  c.codistill.sampled.prior_mix = 0.5  # 'dynamic': weight of teacher prior.
+  c.codistill.sampled.uniform_mix = 0.05  # Uniform floor, in (0, 1].
+  # Positions of the batch whose full distributions shape the proposal.
+  c.codistill.sampled.proposal_positions = 64
+  # True: the task loss is the sampled softmax on the same classes (the full
+  # output layer is never formed in training); False: exact task loss.
+  c.codistill.sampled.task_loss = True
+
+  # Teacher-inference service (teacher_source='service'): Ray workers serve
+  # the teacher_checkpoint; the student's batches arrive with its targets.
+  c.codistill.service = ml_collections.ConfigDict()
+  # '' starts a local Ray cluster with every port on 127.0.0.1 and no
+  # dashboard; else a running cluster's address ('auto', 'host:port').
+  c.codistill.service.address = ""
+  c.codistill.service.num_workers = 2  # Workers this run starts (0: none).
+  c.codistill.service.worker_cpus = 1.0  # Ray CPUs each worker reserves.
+  c.codistill.service.worker_gpus = 0.0  # Ray GPUs each worker reserves.
+  c.codistill.service.in_flight = 4  # Batches sent ahead of the step.
+  # A request unanswered this long is resent to another worker.
+  c.codistill.service.request_timeout_s = 60.0
+  c.codistill.service.retries = 3  # Resends of one batch before failing.
+  # No live worker: 'wait' (up to wait_timeout_s, then stop with an error)
+  # or 'fallback' (compute targets in this process until a worker joins).
+  c.codistill.service.no_worker = "wait"
+  c.codistill.service.wait_timeout_s = 120.0  # 'wait' (and worker start-up).
+  # > 0: targets are the teacher's top-k probabilities plus a tail bucket
+  # (softmax models only); 0: full probabilities.
+  c.codistill.service.sparse_topk = 0
   return c
 
 
@@ -109,9 +159,9 @@ def _check_keys(config, reference, prefix="config"):
 
 
 def _check_codistill(cd: ml_collections.ConfigDict) -> None:
-  if cd.teacher_source not in ("peers", "checkpoint"):
+  if cd.teacher_source not in ("peers", "checkpoint", "service"):
     raise ConfigError(f"config.codistill.teacher_source={cd.teacher_source!r} "
-                      "must be 'peers' or 'checkpoint'")
+                      "must be 'peers', 'checkpoint' or 'service'")
   if cd.divergence not in losses.DIVERGENCES:
     raise ConfigError(f"config.codistill.divergence={cd.divergence!r} is "
                       f"unknown; use one of {losses.DIVERGENCES}")
@@ -128,13 +178,106 @@ def _check_codistill(cd: ml_collections.ConfigDict) -> None:
   if cd.burn_in_steps < 0 or cd.alpha_ramp_steps < 0:
     raise ConfigError("config.codistill.burn_in_steps and alpha_ramp_steps "
                       "must be >= 0")
-  if cd.teacher_source == "checkpoint" and not cd.teacher_checkpoint:
-    raise ConfigError("config.codistill.teacher_source='checkpoint' needs "
-                      "config.codistill.teacher_checkpoint=<run dir>")
+  if cd.teacher_source in ("checkpoint", "service") and (
+      not cd.teacher_checkpoint):
+    raise ConfigError(f"config.codistill.teacher_source={cd.teacher_source!r} "
+                      "needs config.codistill.teacher_checkpoint=<run dir>")
   if cd.teacher_checkpoint and "://" not in cd.teacher_checkpoint and (
       not os.path.exists(cd.teacher_checkpoint)):
     raise ConfigError(f"config.codistill.teacher_checkpoint="
                       f"{cd.teacher_checkpoint}: no such directory")
+
+
+def _check_service(config: ml_collections.ConfigDict) -> None:
+  """config.codistill.service, when teacher_source='service'."""
+  if config.codistill.teacher_source != "service":
+    return
+  if importlib.util.find_spec("ray") is None:
+    raise ConfigError("config.codistill.teacher_source='service' needs Ray: "
+                      "pip install -e .[service]")
+  s, name = config.codistill.service, "config.codistill.service"
+  if not isinstance(s.address, str):
+    raise ConfigError(f"{name}.address={s.address!r} must be a string ('' = "
+                      "a local cluster on loopback)")
+  for field, minimum in (("num_workers", 0), ("in_flight", 1),
+                         ("retries", 0), ("sparse_topk", 0)):
+    value = s[field]
+    if not isinstance(value, int) or isinstance(value, bool) or (
+        value < minimum):
+      raise ConfigError(f"{name}.{field}={value!r} must be an integer >= "
+                        f"{minimum}")
+  for field, positive in (("worker_cpus", False), ("worker_gpus", False),
+                          ("request_timeout_s", True),
+                          ("wait_timeout_s", True)):
+    value = s[field]
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and
+            (value > 0 if positive else value >= 0)):
+      raise ConfigError(f"{name}.{field}={value!r} must be a finite "
+                        f"{'positive' if positive else 'non-negative'} number")
+  if s.no_worker not in ("wait", "fallback"):
+    raise ConfigError(f"{name}.no_worker={s.no_worker!r} must be 'wait' or "
+                      "'fallback'")
+  if config.codistill.divergence not in ("kl", "xent"):
+    raise ConfigError(f"config.codistill.divergence="
+                      f"{config.codistill.divergence!r}: the service sends "
+                      "probabilities, not logits; use 'kl' or 'xent'")
+  if s.sparse_topk and config.loss != "softmax_xent":
+    raise ConfigError(f"{name}.sparse_topk={s.sparse_topk} needs a softmax "
+                      "model (config.loss='softmax_xent'); use 0")
+
+
+def _check_sparse(config: ml_collections.ConfigDict) -> None:
+  """config.codistill.topk and config.codistill.sampled."""
+  cd, sm = config.codistill, config.codistill.sampled
+  name = "config.codistill.sampled"
+  if not isinstance(cd.topk, int) or cd.topk < 0:
+    raise ConfigError(f"config.codistill.topk={cd.topk!r} must be an integer "
+                      ">= 0 (0 = full teacher distributions)")
+  if cd.topk_mode not in sampling.TOPK_MODES:
+    raise ConfigError(f"config.codistill.topk_mode={cd.topk_mode!r} must be "
+                      f"one of {sampling.TOPK_MODES}")
+  if cd.topk and config.loss != "softmax_xent":
+    raise ConfigError(f"config.codistill.topk={cd.topk} needs a softmax model "
+                      "(config.loss='softmax_xent'); use 0")
+  if not isinstance(sm.num_samples, int) or sm.num_samples < 0:
+    raise ConfigError(f"{name}.num_samples={sm.num_samples!r} must be an "
+                      "integer >= 0 (0 = full-softmax distillation)")
+  if not sm.num_samples:
+    return
+  vocab = config.data.get("vocab_size")
+  if isinstance(vocab, int) and sm.num_samples > vocab:
+    raise ConfigError(f"{name}.num_samples={sm.num_samples} exceeds "
+                      f"config.data.vocab_size={vocab}; use at most {vocab}")
+  if sm.proposal not in sampling.PROPOSALS:
+    raise ConfigError(f"{name}.proposal={sm.proposal!r} must be one of "
+                      f"{sampling.PROPOSALS}")
+  if not 0 <= sm.prior_mix <= 1 or not 0 < sm.uniform_mix <= 1:
+    raise ConfigError(f"{name}.prior_mix={sm.prior_mix} must be in [0, 1] "
+                      f"and uniform_mix={sm.uniform_mix} in (0, 1] (a class "
+                      "with no proposal mass would bias the estimate)")
+  if not isinstance(sm.proposal_positions, int) or sm.proposal_positions < 1:
+    raise ConfigError(f"{name}.proposal_positions={sm.proposal_positions!r} "
+                      "must be a positive integer")
+  problem = (
+      "config.loss must be 'softmax_xent'" if config.loss != "softmax_xent"
+      else "config.codistill.topk must be 0" if cd.topk
+      else "config.codistill.divergence must be 'kl' or 'xent'"
+      if cd.divergence not in ("kl", "xent")
+      else "the teacher service sends probabilities, not hidden states; use "
+      "config.codistill.topk" if cd.teacher_source == "service" else None)
+  if problem:
+    raise ConfigError(f"{name}.num_samples={sm.num_samples}: {problem} (or set "
+                      "num_samples=0)")
+  names = [("config.model_name", config.model_name)]
+  if cd.teacher_source == "checkpoint" and cd.teacher_model_name:
+    names.append(("config.codistill.teacher_model_name",
+                  cd.teacher_model_name))
+  for field, model_name in names:
+    cls = models_lib.get_module(model_name).Model
+    if not (hasattr(cls, "hidden") and hasattr(cls, "output_embedding")):
+      raise ConfigError(f"{name}.num_samples={sm.num_samples}: {field}="
+                        f"{model_name!r} exposes no hidden/output_embedding "
+                        "(a sampled output layer); use num_samples=0")
 
 
 def _check_like(name: str, value, default) -> None:
@@ -174,6 +317,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                   "codistill.exchange_every", "data.batch_size",
                   "data.eval_batch_size")
   _check_codistill(config.codistill)
+  _check_service(config)
+  _check_sparse(config)
   if config.keep_checkpoints < 3:
     raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints} must "
                       "be >= 3 so that a reader never loses a step it restores")

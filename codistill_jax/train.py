@@ -37,6 +37,7 @@ from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics as metrics_lib
 from codistill_jax import models as models_lib
 from codistill_jax import optim
+from codistill_jax import sampling
 from codistill_jax import step as step_lib
 from codistill_jax.errors import ConfigError
 
@@ -62,6 +63,7 @@ class Setup:
   init_fn: Callable  # rng -> TrainState; jit it with out_shardings.
   abstract: Any  # TrainState of ShapeDtypeStructs carrying the shardings.
   state_sharding: Any
+  info: Any = None  # The dataset's info (vocab_size, unigram counts, ...).
 
 
 def _example_inputs(batch):
@@ -88,7 +90,80 @@ def build(config: ml_collections.ConfigDict, datasets, mesh) -> Setup:
   state_sharding = mesh_lib.tree_shardings(
       mesh, abstract, config.sharding.rules, config.sharding.fsdp_min_size)
   return Setup(model, tx, lr_fn, init_fn,
-               _with_shardings(abstract, state_sharding), state_sharding)
+               _with_shardings(abstract, state_sharding), state_sharding,
+               datasets.info)
+
+
+def jit_train_step(config: ml_collections.ConfigDict, setup: Setup, mesh,
+                   distill_apply: Callable | None = None,
+                   teacher_sharding: Any = None, precomputed: bool = False):
+  """A group's train step, jitted with its shardings (compiled on first use).
+
+  With `distill_apply` (the teachers' apply function) the step takes stacked
+  `Teachers` laid out as `teacher_sharding` as its third argument; with
+  `precomputed` (the teacher service) it distils from `batch['teacher']`. The
+  trainer calls it and so does `compile_check`, which lowers the very same
+  program ahead of time.
+  """
+  cd = config.codistill
+  loss_fn = step_lib.make_loss_fn(losses.task_loss(config.loss))
+  distill = None
+  in_shardings = (setup.state_sharding, mesh_lib.batch_sharding(mesh))
+  if distill_apply is not None or precomputed:
+    distill = step_lib.Distill(
+        distill_apply,
+        losses.alpha_schedule(cd.alpha, cd.burn_in_steps, cd.alpha_ramp_steps),
+        divergence=cd.divergence, temperature=cd.temperature,
+        binary=config.loss == "sigmoid_xent", topk=cd.topk,
+        topk_mode=cd.topk_mode,
+        sampled=sampled_head(config, setup, distill_apply))
+    if distill_apply is not None:
+      in_shardings += (teacher_sharding,)
+  return jax.jit(
+      step_lib.make_train_step(setup.model.apply, loss_fn, setup.tx,
+                               setup.lr_fn, distill),
+      in_shardings=in_shardings,
+      out_shardings=(setup.state_sharding, mesh_lib.replicated(mesh)),
+      donate_argnums=(0,))
+
+
+def sampled_head(config, setup: Setup, teacher_apply: Callable | None):
+  """The `sampling.SampledHead` of config.codistill.sampled (None if off).
+
+  `teacher_apply` is the teachers' Flax `Module.apply`; the teacher module
+  (the student's own architecture for peers) provides `hidden` and
+  `output_embedding`.
+  """
+  sm = config.codistill.sampled
+  if not sm.num_samples or teacher_apply is None:
+    return None
+  student = setup.model
+  teacher = getattr(teacher_apply, "__self__", student)
+  vocab = student.output_embedding(setup.abstract.params)[0].shape[-1]
+  if sm.num_samples > vocab:
+    raise ConfigError(f"config.codistill.sampled.num_samples={sm.num_samples}"
+                      f" exceeds the {vocab} output classes; use at most "
+                      f"{vocab}")
+  unigram = None
+  if sm.proposal == "unigram":
+    if "unigram" not in (setup.info or {}):
+      raise ConfigError("config.codistill.sampled.proposal='unigram': data "
+                        f"{config.data.name!r} gives no class counts; use "
+                        "'dynamic'")
+    unigram = np.asarray(setup.info["unigram"], np.float32)
+
+  def hidden_fn(module):
+    return lambda p, x, train=False, rngs=None: module.apply(
+        p, x, train=train, rngs=rngs, method="hidden")
+
+  return sampling.SampledHead(
+      hidden_fn=hidden_fn(student), output_embedding=student.output_embedding,
+      teacher_hidden_fn=hidden_fn(teacher),
+      teacher_output_embedding=teacher.output_embedding,
+      num_samples=sm.num_samples, proposal=sm.proposal,
+      prior_mix=sm.prior_mix, uniform_mix=sm.uniform_mix,
+      proposal_positions=sm.proposal_positions, unigram=unigram,
+      task_loss=sm.task_loss)
 
 
 def fixed_teacher(config, datasets, mesh):
@@ -115,6 +190,21 @@ def fixed_teacher(config, datasets, mesh):
           jax.tree.map(lambda x: x.astype(dtype)[None], p),
           jnp.ones((1,), jnp.float32)), out_shardings=repl)
   return teacher.apply, stack(params)
+
+
+def teacher_service(config, datasets):
+  """The teacher-inference service (teacher_source='service').
+
+  Imported here only: Ray is an optional extra and the core never needs it.
+  """
+  try:
+    from codistill_jax import service  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    if e.name != "ray":
+      raise
+    raise ConfigError("config.codistill.teacher_source='service' needs Ray: "
+                      "pip install -e .[service]") from None
+  return service.start(config, datasets.info, next(iter(datasets.train(0))))
 
 
 def _check_finite(step: int, scalars: dict, last_saved: int | None, g: int):
@@ -172,6 +262,7 @@ class Group:
   publisher: exchange.Publisher | None = None
   reader: exchange.PeerReader | None = None
   fixed_teachers: Any = None
+  service: Any = None  # service.Service: targets arrive in the batches.
   batches: Iterator | None = None
   pending: list = dataclasses.field(default_factory=list)  # Device metrics.
   last_saved: int | None = None
@@ -225,17 +316,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if jax.process_index() == 0:
     ckpt_lib.write_config(workdir, config)
 
-  loss_fn = step_lib.make_loss_fn(losses.task_loss(config.loss))
   metrics_fn = metrics_lib.eval_metrics_fn(config.loss)
   predictions_fn = metrics_lib.predictions_fn(config.loss)
-  alpha_fn = losses.alpha_schedule(cd.alpha, cd.burn_in_steps,
-                                   cd.alpha_ramp_steps)
 
   # --------------------------------------------------------------------------
   # Per group: data shard, model, state created sharded on its sub-mesh,
   # teachers, and the compiled steps.
   # --------------------------------------------------------------------------
   run: list[Group] = []
+  teachers_service = None  # One per job, shared by its groups.
   for g in owned:
     mesh = mesh_lib.make_mesh(devices[g])
     proc, nproc = _process_slot(devices[g])
@@ -264,12 +353,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info("group %d: params from %s", g, config.init_checkpoint)
 
     grp_kwargs = {}
-    distill = None
+    distill_apply = teacher_sharding = None
     if use_peers:
       peers = [h for h in range(num_groups) if h != g]
       reader = exchange.PeerReader(exchange_dir, peers, setup.abstract.params,
                                    cd.teacher_dtype)
-      reader.refresh()  # A resumed group picks up what its peers published.
+      # A resumed group picks up what its peers published; with the blocking
+      # exchange before its first step, so that a resumed run is exact.
+      reader.refresh(block=cd.exchange_blocking)
       publisher = exchange.Publisher(exchange_dir, g)
       publisher.warm_up(state.params)
       grp_kwargs.update(reader=reader, publisher=publisher)
@@ -278,18 +369,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       distill_apply, fixed = fixed_teacher(config, datasets, mesh)
       grp_kwargs.update(fixed_teachers=fixed)
       teacher_sharding = jax.tree.map(lambda x: x.sharding, fixed)
-    if use_peers or cd.teacher_source == "checkpoint":
-      distill = step_lib.Distill(
-          distill_apply, alpha_fn, divergence=cd.divergence,
-          temperature=cd.temperature, binary=config.loss == "sigmoid_xent")
-    in_shardings = (setup.state_sharding, data_sharding)
-    if distill is not None:
-      in_shardings += (teacher_sharding,)
-    train_step = jax.jit(
-        step_lib.make_train_step(setup.model.apply, loss_fn, setup.tx,
-                                 setup.lr_fn, distill),
-        in_shardings=in_shardings, out_shardings=(setup.state_sharding, repl),
-        donate_argnums=(0,))
+    elif cd.teacher_source == "service":
+      teachers_service = teachers_service or teacher_service(config, datasets)
+      grp_kwargs.update(service=teachers_service)
+    train_step = jit_train_step(config, setup, mesh, distill_apply,
+                                teacher_sharding,
+                                precomputed=cd.teacher_source == "service")
     eval_step = jax.jit(
         step_lib.make_eval_step(setup.model.apply, metrics_fn),
         in_shardings=(setup.state_sharding.params, data_sharding),
@@ -339,6 +424,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   steps = {grp.index: int(grp.state.step) for grp in run}
   for grp in run:
     grp.batches = iter(grp.datasets.train(steps[grp.index]))
+    if grp.service is not None:  # Each batch arrives with its targets.
+      grp.batches = grp.service.reader(grp.batches)
   first = min(steps.values())
   multi_process = jax.process_count() > 1
   t0, s0, wall0 = time.time(), first, time.time()
@@ -406,6 +493,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             scalars["exchange_blocked_share"] = grp.exchange_blocked_s / max(
                 now - wall0, 1e-9)
             scalars["publishes_skipped"] = grp.publisher.skipped
+          if grp.service is not None:
+            scalars.update(grp.batches.metrics())
           grp.writer.write(done, scalars)
           losses_str.append(f"{scalars['loss']:.4f}")
         eta = (total - done) / max(rate, 1e-9)
@@ -451,5 +540,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       grp.reader.close()
     grp.checkpointer.close()
     grp.writer.close()
+    if grp.service is not None:
+      grp.batches.close()
+  if teachers_service is not None:
+    teachers_service.close()
   ensemble_writer.close()
   return final

@@ -6,7 +6,8 @@ log-partition estimate is consistent with an O(1/K) bias (checked against a
 bound measured at a stated K / V).
 """
 
-import flax.linen as nn
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -326,3 +327,95 @@ def test_precomputed_targets_match_in_process_teachers():
   _, _, _, topk_step, _ = _lm_step_setup(0, topk=V)
   np.testing.assert_allclose(topk_step(state, batch, teachers)[1][
       "distill_loss"], m["distill_loss"], rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# In the trainer: a config switch for codistillation and two-phase runs.
+# ----------------------------------------------------------------------------
+def _lm_config(small_data, **overrides):
+  from tests.test_train import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config("kernel_lm")
+  for flag in small_data["kernel_lm"]:
+    key, value = flag[len("--config."):].split("=", 1)
+    config.data[key.split(".", 1)[1]] = value
+  config.total_steps, config.log_every = 12, 1
+  config.eval_every, config.checkpoint_every = 12, 12
+  for k, v in overrides.items():
+    node = config
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return config
+
+
+def _rows(workdir, g=0):
+  from codistill_jax import metrics  # pylint: disable=g-import-not-at-top
+  return [r for r in metrics.read_jsonl(
+      os.path.join(workdir, f"group_{g}", "metrics.jsonl")) if "loss" in r]
+
+
+def test_codistillation_with_sampled_distillation_end_to_end(small_data,
+                                                             tmp_path):
+  from codistill_jax import train  # pylint: disable=g-import-not-at-top
+  config = _lm_config(small_data, **{
+      "codistill.num_groups": 2, "codistill.exchange_every": 4,
+      "codistill.burn_in_steps": 0, "codistill.exchange_blocking": True,
+      "codistill.sampled.num_samples": 32,
+      "codistill.sampled.proposal_positions": 16})
+  final = train.train_and_evaluate(config, str(tmp_path))
+  for g in (0, 1):
+    rows = _rows(str(tmp_path), g)
+    on = [r for r in rows if r["alpha"] == 1.0]
+    assert len(on) >= 7 and all(r["distill_loss"] > 0 for r in on)
+    assert all(r["sampled_classes"] <= 32 for r in rows)
+    # Eval is always the exact full softmax.
+    assert np.isfinite(final[g]["test/perplexity"])
+
+
+def test_two_phase_sampled_distillation_and_unigram_proposal(small_data,
+                                                             tmp_path):
+  from codistill_jax import train  # pylint: disable=g-import-not-at-top
+  train.train_and_evaluate(_lm_config(small_data), str(tmp_path / "teacher"))
+  config = _lm_config(small_data, **{
+      "codistill.teacher_source": "checkpoint",
+      "codistill.teacher_checkpoint": str(tmp_path / "teacher"),
+      "codistill.burn_in_steps": 0, "codistill.sampled.num_samples": 32,
+      "codistill.sampled.proposal": "unigram",
+      "codistill.sampled.task_loss": False})
+  train.train_and_evaluate(config, str(tmp_path / "student"))
+  rows = _rows(str(tmp_path / "student"))
+  assert all(r["alpha"] == 1.0 and r["distill_loss"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"codistill.sampled.num_samples": -1}, "num_samples"),
+    ({"codistill.sampled.num_samples": 8,
+      "codistill.sampled.proposal": "zipf"}, "proposal"),
+    ({"codistill.sampled.num_samples": 8,
+      "codistill.sampled.uniform_mix": 0.0}, "uniform_mix"),
+    ({"codistill.sampled.num_samples": 8, "codistill.divergence": "mse"},
+     "divergence"),
+    ({"codistill.sampled.num_samples": 8, "codistill.topk": 4}, "topk"),
+    ({"codistill.sampled.num_samples": 100000}, "vocab_size"),
+    ({"codistill.topk_mode": "clip"}, "topk_mode"),
+])
+def test_bad_sampled_configs_name_the_field(small_data, tmp_path, overrides,
+                                            match):
+  from codistill_jax import train  # pylint: disable=g-import-not-at-top
+  from codistill_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  config = _lm_config(small_data, **{"codistill.num_groups": 2, **overrides})
+  with pytest.raises(ConfigError, match=match):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+def test_sampled_needs_a_model_with_an_output_embedding(tmp_path):
+  from codistill_jax import train  # pylint: disable=g-import-not-at-top
+  from codistill_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from tests.test_train import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config("flights")
+  config.codistill.num_groups = 2
+  config.codistill.sampled.num_samples = 8
+  with pytest.raises(ConfigError, match="softmax_xent"):
+    train.train_and_evaluate(config, str(tmp_path))

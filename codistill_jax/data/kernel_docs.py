@@ -163,6 +163,9 @@ def get_datasets(config, *, group: int, num_groups: int, process_index: int,
       "vocab_path": vocab_path,
       "num_tokens": {name: int((w[:, 1:] != tokenizer_lib.PAD).sum())
                      for name, w in windows.items()},
+      # Target-token counts of the training split (a sampling proposal).
+      "unigram": np.bincount(windows["train"][:, 1:].ravel(),
+                             minlength=tok.vocab_size)[:tok.vocab_size],
   }
   return common.assemble(config, splits, info, group=group,
                          num_groups=num_groups, process_index=process_index,
