@@ -340,12 +340,7 @@ def _lm_config(small_data, **overrides):
     config.data[key.split(".", 1)[1]] = value
   config.total_steps, config.log_every = 12, 1
   config.eval_every, config.checkpoint_every = 12, 12
-  for k, v in overrides.items():
-    node = config
-    *parents, leaf = k.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
+  config.update_from_flattened_dict(overrides)
   return config
 
 
