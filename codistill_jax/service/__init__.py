@@ -26,6 +26,7 @@ from typing import Iterator
 import ml_collections
 import ray
 
+from codistill_jax.errors import ConfigError
 from codistill_jax.service import pool as pool_lib
 from codistill_jax.service import reader as reader_lib
 from codistill_jax.service import teacher as teacher_lib
@@ -58,8 +59,24 @@ class Service:
         spec, settings.num_workers, cpus=settings.worker_cpus,
         gpus=settings.worker_gpus)
     if self.workers:  # Load and compile before the student needs targets.
-      ray.wait([w.ready.remote() for w in self.workers],
-               num_returns=len(self.workers), timeout=settings.wait_timeout_s)
+      refs = [w.ready.remote() for w in self.workers]
+      done, _ = ray.wait(refs, num_returns=len(refs),
+                         timeout=settings.wait_timeout_s)
+      errors = []
+      for ref in done:
+        try:
+          ray.get(ref)
+        except ray.exceptions.RayError as e:
+          errors.append(e)
+      if errors and len(errors) == len(refs):
+        # Every worker failed the same way (a bad checkpoint, say): say so
+        # now rather than after wait_timeout_s without teachers.
+        self.close()
+        cause = getattr(errors[0], "cause", None)
+        if isinstance(cause, ConfigError):
+          raise cause
+        raise RuntimeError(f"every teacher worker failed to start: "
+                           f"{errors[0]}")
 
   def reader(self, batches: Iterator[dict]) -> reader_lib.TargetReader:
     s = self.settings
