@@ -11,6 +11,7 @@ import importlib.util
 import ipaddress
 import os
 import signal
+import subprocess
 import sys
 import time
 import types
@@ -32,6 +33,7 @@ from codistill_jax.service import pool as pool_lib
 from codistill_jax.service import reader as reader_lib
 from codistill_jax.errors import ConfigError
 from codistill_jax.service import teacher as teacher_lib
+from tests.test_train import ROOT
 from tests.test_train import load_config
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -471,3 +473,37 @@ def test_teacher_of_another_architecture_is_refused_at_start(flights,
                            "service")
   with pytest.raises(ConfigError, match="another architecture"):
     train.train_and_evaluate(student, str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_workers_added_from_another_process_outlive_it(flights, expected,
+                                                       cluster):
+  del cluster
+  config, datasets, spec = flights
+  flags = [f"--config={ROOT}/configs/flights.py:quick",
+           "--config.codistill.teacher_source=service",
+           f"--config.codistill.teacher_checkpoint="
+           f"{config.codistill.teacher_checkpoint}",
+           "--config.codistill.temperature=2.0",
+           "--config.codistill.service.address="
+           + ray.get_runtime_context().gcs_address,
+           "--config.codistill.service.num_workers=1",
+           f"--config.codistill.service.worker_cpus={WORKER_CPUS}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+  def serve(*extra):
+    result = subprocess.run(
+        [sys.executable, "-m", "codistill_jax.service.serve", *flags, *extra],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+  assert "serving 1 worker(s)" in serve()
+  # The command has exited; its detached worker serves this student.
+  reader = make_reader(spec, id_batches(datasets, 6), wait_timeout_s=10)
+  check_stream(list(reader), expected[:6])
+  assert len(reader.stats["served"]) == 1
+  assert "stopped 1 worker(s)" in serve("--stop")
+  reader = make_reader(spec, id_batches(datasets, 1), wait_timeout_s=1)
+  with pytest.raises(reader_lib.NoTeacherError):
+    next(reader)

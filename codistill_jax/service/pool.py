@@ -43,18 +43,27 @@ def connect(address: str, num_cpus: float | None = None) -> bool:
   if ray.is_initialized():
     return False
   if address:
+    if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+      _loopback_mode()  # This driver's own servers on loopback too.
     ray.init(address=address, include_dashboard=False, log_to_driver=True)
     return True
-  # Ray resolves 127.0.0.1 to the machine's routable address unless it is in
-  # its single-machine (laptop) mode; in that mode the GCS, raylet, object
-  # manager and worker servers all bind to 127.0.0.1. The environment variable
-  # reaches the processes Ray starts; the constant is read by this one (and
-  # was fixed when `ray` was first imported).
-  os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-  ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # pylint: disable=protected-access
+  _loopback_mode()
   ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
            _node_ip_address="127.0.0.1", log_to_driver=True)
   return True
+
+
+def _loopback_mode() -> None:
+  """Makes Ray keep every server of this machine on 127.0.0.1.
+
+  Ray resolves 127.0.0.1 to the machine's routable address unless it is in
+  its single-machine (laptop) mode; in that mode the GCS, raylet, object
+  manager and worker servers all bind to 127.0.0.1 (tested). The environment
+  variable reaches the processes Ray starts; the constant is what this
+  process reads (fixed when `ray` was first imported).
+  """
+  os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+  ray._private.ray_constants.ENABLE_RAY_CLUSTER = False  # pylint: disable=protected-access
 
 
 def loopback_only() -> bool:
