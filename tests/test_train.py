@@ -215,42 +215,4 @@ def test_cli_sigterm_saves_and_the_rerun_finishes(tmp_path):
   assert "resumed from its own checkpoint" in result.stderr
 
 
-BAD_CONFIGS = [
-    (["--config.totl_steps=5"], "totl_steps"),
-    (["--config.total_steps=abc"], "total_steps"),
-    (["--config.data.batch_size=12"], "batch_size"),
-    (["--config.model_name=nope"], "model_name"),
-    (["--config.data.name=nope"], "data.name"),
-    (["--config.data.path=/nonexistent/flights.csv"], "data.path"),
-    (["--config.optimizer.name=adagrad"], "optimizer.name"),
-    (["--config.keep_checkpoints=1"], "keep_checkpoints"),
-    (["--config.codistill.num_groups=3"], "num_groups"),
-]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("overrides,field", BAD_CONFIGS)
-def test_bad_config_is_one_line_exit_2_and_writes_nothing(tmp_path, overrides,
-                                                          field):
-  workdir = tmp_path / "run"
-  result = run_cli(str(workdir), "configs/flights.py:quick", *overrides)
-  assert result.returncode == 2, result.stderr
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1 and field in lines[0], result.stderr
-  assert "Traceback" not in result.stderr
-  assert not workdir.exists()
-
-
-@pytest.mark.slow
-def test_bad_config_arg_and_workdir_of_another_run(tmp_path):
-  result = run_cli(str(tmp_path / "x"), "configs/flights.py:quikc")
-  assert result.returncode == 2 and "quikc" in result.stderr
-  workdir = tmp_path / "run"
-  assert run_cli(str(workdir), "configs/flights.py:quick").returncode == 0
-  before = sorted(p.name for p in (workdir / "group_0" / "checkpoints").iterdir())
-  result = run_cli(str(workdir), "configs/flights.py:quick",
-                   "--config.model.embed_dim=5")
-  assert result.returncode == 2 and "another config" in result.stderr
-  assert "model.embed_dim" in result.stderr
-  after = sorted(p.name for p in (workdir / "group_0" / "checkpoints").iterdir())
-  assert before == after
+# Bad flags, configs, data and checkpoints through the CLI: test_bad_input.py.

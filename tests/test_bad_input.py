@@ -1,0 +1,199 @@
+"""Bad-input matrix: malformed flags, configs, data and checkpoints via the CLI.
+
+Every case runs the real command (`python -m codistill_jax.main ...`, 8 fake
+CPU devices) as a subprocess and must end with exit code 2, exactly one
+`error: ...` line naming the problem, no traceback, and nothing written: a
+fresh workdir is never created, an existing one is left byte for byte as it
+was. The cases run a few at a time in a module fixture (each is mostly Python
+and JAX start-up); the parametrized tests then check one case each.
+"""
+
+import concurrent.futures
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from codistill_jax import train
+from tests.test_train import ROOT, load_config
+
+pytestmark = pytest.mark.slow
+
+FLIGHTS = "configs/flights.py:quick"
+
+# (id, config file or None for no --config, extra args, words the error line
+#  must contain). '{x}' fields are filled from the `files` fixture.
+CASES = [
+    # Flags.
+    ("no_config", None, [], "--config is required"),
+    ("no_workdir", FLIGHTS, ["--workdir="], "--workdir is required"),
+    ("config_file_missing", "configs/nope.py", [], "--config could not be"),
+    ("config_arg_unknown", "configs/flights.py:quikc", [], "quikc"),
+    ("config_arg_bad_value", "configs/flights.py:groups=two", [], "groups"),
+    ("unknown_field", FLIGHTS, ["--config.totl_steps=5"], "totl_steps"),
+    ("wrong_type", FLIGHTS, ["--config.total_steps=abc"], "total_steps"),
+    ("unknown_flag", FLIGHTS, ["--stepz=3"], "stepz"),
+    ("positional_arg", FLIGHTS, ["extra"], "unexpected arguments"),
+    ("groups_not_indices", FLIGHTS, ["--groups=a"], "--groups"),
+    ("groups_out_of_range", FLIGHTS, ["--groups=5"], "--groups"),
+    ("coordinator_alone", FLIGHTS, ["--coordinator_address=localhost:1234"],
+     "--num_processes"),
+    # Config values.
+    ("batch_not_divisible", FLIGHTS, ["--config.data.batch_size=12"],
+     "batch_size"),
+    ("groups_not_dividing_devices", FLIGHTS,
+     ["--config.codistill.num_groups=3"], "num_groups"),
+    ("total_steps_zero", FLIGHTS, ["--config.total_steps=0"], "total_steps"),
+    ("model_unknown", FLIGHTS, ["--config.model_name=nope"], "model_name"),
+    ("model_field_wrong_type", FLIGHTS, ["--config.model.dropout_rate=high"],
+     "dropout_rate"),
+    ("data_module_unknown", FLIGHTS, ["--config.data.name=nope"], "data.name"),
+    ("optimizer_unknown", FLIGHTS, ["--config.optimizer.name=adagrad"],
+     "optimizer.name"),
+    ("schedule_unknown", FLIGHTS, ["--config.optimizer.schedule=exponential"],
+     "schedule"),
+    ("learning_rate_negative", FLIGHTS,
+     ["--config.optimizer.learning_rate=-0.1"], "learning_rate"),
+    ("loss_unknown", FLIGHTS, ["--config.loss=hinge"], "config.loss"),
+    ("keep_checkpoints_too_few", FLIGHTS, ["--config.keep_checkpoints=1"],
+     "keep_checkpoints"),
+    ("partition_unknown", FLIGHTS, ["--config.data.partition=random"],
+     "partition"),
+    ("exchange_every_zero", FLIGHTS, ["--config.codistill.exchange_every=0"],
+     "exchange_every"),
+    ("divergence_unknown", FLIGHTS, ["--config.codistill.divergence=js"],
+     "divergence"),
+    ("temperature_zero", FLIGHTS, ["--config.codistill.temperature=0.0"],
+     "temperature"),
+    ("teacher_checkpoint_unset", FLIGHTS,
+     ["--config.codistill.teacher_source=checkpoint"], "teacher_checkpoint"),
+    ("teacher_checkpoint_missing", FLIGHTS,
+     ["--config.codistill.teacher_source=checkpoint",
+      "--config.codistill.teacher_checkpoint=/nonexistent/run"],
+     "teacher_checkpoint"),
+    # Data paths and files.
+    ("flights_csv_missing", FLIGHTS,
+     ["--config.data.path=/nonexistent/flights.csv"], "data.path"),
+    ("flights_csv_wrong_columns", FLIGHTS,
+     ["--config.data.path={wrong_columns_csv}"], "data.path"),
+    ("flights_csv_binary", FLIGHTS, ["--config.data.path={binary_csv}"],
+     "data.path"),
+    ("fashion_mnist_dir_empty", "configs/fashion_mnist.py:quick",
+     ["--config.data.path={empty_dir}"], "data.path"),
+    ("fashion_mnist_not_idx", "configs/fashion_mnist.py:quick",
+     ["--config.data.path={bad_idx_dir}"], "data.path"),
+    ("kernel_docs_missing", "configs/kernel_lm.py:quick",
+     ["--config.data.path=/nonexistent/docs"], "data.path"),
+    # Checkpoints.
+    ("init_checkpoint_missing", FLIGHTS,
+     ["--config.init_checkpoint=/nonexistent/run"], "init_checkpoint"),
+    ("init_checkpoint_empty_dir", FLIGHTS,
+     ["--config.init_checkpoint={empty_dir}"], "init_checkpoint"),
+    ("init_checkpoint_other_architecture", FLIGHTS,
+     ["--config.init_checkpoint={other_arch_run}"], "architecture"),
+    ("workdir_of_another_config", FLIGHTS,
+     ["--workdir={other_arch_run}"], "another config (differs in "
+     "model.hidden_sizes"),
+    ("own_checkpoint_corrupt", FLIGHTS,
+     ["--workdir={corrupt_run}", "--config.model.hidden_sizes=(7,)",
+      "--config.total_steps=2"],
+     "corrupt"),
+]
+
+
+def snapshot(path):
+  """{relative path: (size, mtime)} of every file under `path`."""
+  out = {}
+  for root, _, names in os.walk(path):
+    for n in names:
+      f = os.path.join(root, n)
+      st = os.stat(f)
+      out[os.path.relpath(f, path)] = (st.st_size, st.st_mtime_ns)
+  return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """Malformed data files and runs to point the cases at."""
+  root = tmp_path_factory.mktemp("bad_input")
+  out = {"empty_dir": str(root / "empty")}
+  os.makedirs(out["empty_dir"])
+  out["wrong_columns_csv"] = str(root / "wrong.csv")
+  with open(out["wrong_columns_csv"], "w") as f:
+    f.write("a,b,c\n1,2,3\n4,5,6\n")
+  out["binary_csv"] = str(root / "binary.csv")
+  with open(out["binary_csv"], "wb") as f:
+    f.write(bytes(range(256)) * 64)
+  out["bad_idx_dir"] = str(root / "bad_idx")
+  os.makedirs(out["bad_idx_dir"])
+  from codistill_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
+  for name in sum(fashion_mnist.FILES.values(), ()):
+    with gzip.open(os.path.join(out["bad_idx_dir"], name), "wb") as f:
+      f.write(b"\x00\x00\x08\x03" + b"\x00" * 64)  # Wrong magic for labels.
+  # A finished run of another architecture (hidden_sizes (7,)).
+  config = load_config("flights")
+  config.model.hidden_sizes, config.total_steps = (7,), 2
+  config.checkpoint_every = config.eval_every = 2
+  out["other_arch_run"] = str(root / "other_arch")
+  train.train_and_evaluate(config, out["other_arch_run"])
+  # The same run with its newest checkpoint's metadata gone (a torn copy).
+  out["corrupt_run"] = str(root / "corrupt")
+  shutil.copytree(out["other_arch_run"], out["corrupt_run"])
+  os.remove(os.path.join(out["corrupt_run"], "group_0", "checkpoints", "2",
+                         "default", "_METADATA"))
+  return out
+
+
+def cli(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  return subprocess.run([sys.executable, "-m", "codistill_jax.main", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+
+
+@pytest.fixture(scope="module")
+def results(files, tmp_path_factory):
+  """Runs every case (three at a time); {id: (result, workdir, before)}."""
+  root = tmp_path_factory.mktemp("bad_runs")
+
+  def one(case):
+    name, config, args, _ = case
+    args = [a.format(**files) for a in args]
+    workdir = next((a.split("=", 1)[1] for a in args
+                    if a.startswith("--workdir=")), None)
+    if workdir is None:
+      workdir = str(root / name)
+      args.append(f"--workdir={workdir}")
+    before = snapshot(workdir) if workdir and os.path.exists(workdir) else None
+    if config:
+      args.insert(0, f"--config={config}")
+    return name, (cli(*args), workdir, before)
+
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    return dict(pool.map(one, CASES))
+
+
+@pytest.mark.parametrize("name,words", [(c[0], c[3]) for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(results, name,
+                                                         words):
+  result, workdir, before = results[name]
+  err = result.stderr
+  assert result.returncode == 2, (result.returncode, err[-3000:])
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, err[-3000:]
+  assert words in lines[0], lines[0]
+  assert "Traceback" not in err, err[-3000:]
+  if before is None:
+    assert not workdir or not os.path.exists(workdir), os.listdir(workdir)
+  else:
+    assert snapshot(workdir) == before
+
+
+def test_matrix_size():
+  assert len(CASES) >= 20
+  assert len({c[0] for c in CASES}) == len(CASES)
