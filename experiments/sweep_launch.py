@@ -1,0 +1,186 @@
+r"""Turns a config's `sweep()` into one launch command per sweep point x group.
+
+Every group of every sweep point is its own job (`python -m
+codistill_jax.main --groups=g`); the groups of a point share the point's
+workdir (and exchange directory: local disk, NFS or gs://). Each sweep point
+reruns by hand from its printed flags.
+
+  python experiments/sweep_launch.py --config=configs/flights_codistill.py \
+      --workdir_root=/shared/sweeps/flights --launcher=slurm --dry_run
+
+Launchers (`--launcher`):
+  shell       background processes on this machine, logs under the workdir;
+  slurm       one `sbatch` per group (`--nodes_per_group` nodes, one task
+              each, jax.distributed set up from SLURM's environment);
+  gcloud_tpu  one `gcloud compute tpus tpu-vm ssh --worker=all` per group on
+              TPU VM slices named `<--tpu_prefix>-<point>-g<g>` (multi-host
+              slices set up jax.distributed themselves).
+
+Before printing or running anything, every command's flags are parsed with
+the same config machinery as `main.py` and validated (`--novalidate` to
+skip, e.g. where the data is not mounted), so a typo fails here and not in a
+queue. `--dry_run` prints the commands; without it `shell` runs them and the
+others print them for you to submit (this script never talks to a cluster).
+"""
+
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+_CONFIG = flags.DEFINE_string(
+    "config", None, "Config file with optional ':arg', as for main.py.")
+_ROOT = flags.DEFINE_string(
+    "workdir_root", None, "One workdir per sweep point is made under it (a "
+    "path every job can reach: local disk for shell, NFS on a cluster).")
+_EXCHANGE_ROOT = flags.DEFINE_string(
+    "exchange_root", None, "If set, each point's groups exchange params under "
+    "<exchange_root>/<point> (e.g. gs://bucket/sweep) instead of its workdir.")
+_LAUNCHER = flags.DEFINE_enum("launcher", "shell",
+                              ["shell", "slurm", "gcloud_tpu"],
+                              "How each group's job is started.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+_VALIDATE = flags.DEFINE_bool("validate", True,
+                              "Parse and validate every command's config.")
+_EXTRA = flags.DEFINE_multi_string(
+    "extra", [], "More flags for every job, e.g. "
+    "--extra=--config.total_steps=100 (repeat the flag for several).")
+_NODES = flags.DEFINE_integer("nodes_per_group", 1,
+                              "slurm: nodes (one JAX process each) per group.")
+_PYTHON = flags.DEFINE_string("python", "python",
+                              "The Python on the machines that run the jobs.")
+_TPU_PREFIX = flags.DEFINE_string("tpu_prefix", "codistill",
+                                  "gcloud_tpu: TPU VM name prefix.")
+_ZONE = flags.DEFINE_string("zone", "us-central2-b", "gcloud_tpu: zone.")
+_REPO = flags.DEFINE_string("repo_dir", ROOT,
+                            "Where this repository is on the job machines.")
+
+
+def load_config_module(path: str):
+  spec = importlib.util.spec_from_file_location("sweep_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def flag_value(value) -> str:
+  """A value as `--config.a.b=` parses it back (tuples in Python syntax)."""
+  if isinstance(value, (tuple, list)):
+    return "(" + ",".join(flag_value(v) for v in value) + ("," if len(
+        value) == 1 else "") + ")"
+  return str(value)
+
+
+def point_name(index: int, point: dict) -> str:
+  """'p0_seed=0': a workdir name that says what the point changes."""
+  parts = [f"{k.split('.')[-1]}={flag_value(v)}" for k, v in
+           sorted(point.items())]
+  return re.sub(r"[^\w.=,+-]", "", "_".join([f"p{index}", *parts]))[:120]
+
+
+def job_argvs(config_arg: str, root: str, extra: list[str],
+              exchange_root: str | None = None):
+  """[(point name, group, workdir, argv of main.py)] for the whole sweep."""
+  path, _, arg = config_arg.partition(":")
+  module = load_config_module(path)
+  points = module.sweep() if hasattr(module, "sweep") else [{}]
+  out = []
+  for i, point in enumerate(points):
+    overrides = [f"--config.{k}={flag_value(v)}" for k, v in point.items()]
+    config = module.get_config(arg or None)
+    groups = point.get("codistill.num_groups", config.codistill.num_groups)
+    for x in extra:  # An extra flag may set the group count too.
+      m = re.fullmatch(r"--config\.codistill\.num_groups=(\d+)", x)
+      groups = int(m.group(1)) if m else groups
+    name = point_name(i, point)
+    workdir = os.path.join(root, name)
+    if exchange_root:  # Never shared between points: runs differ.
+      overrides.append("--config.codistill.exchange_dir=" +
+                       f"{exchange_root.rstrip('/')}/{name}")
+    for g in range(groups):
+      argv = ["-m", "codistill_jax.main", f"--config={config_arg}",
+              f"--workdir={workdir}", f"--groups={g}", *overrides, *extra]
+      out.append((name, g, workdir, argv))
+  return out
+
+
+def validate(argv: list[str]) -> None:
+  """Parses `argv` with main.py's config flags; raises on any problem."""
+  from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
+  fv = flags.FlagValues()
+  args = ["main", *argv[2:]]
+  # config_flags finds the override flags in the argv it is given up front.
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
+                                  lock_config=True, sys_argv=args)
+  for name in ("workdir", "coordinator_address"):
+    flags.DEFINE_string(name, None, "", flag_values=fv)
+  flags.DEFINE_list("groups", None, "", flag_values=fv)
+  for name in ("num_processes", "process_id"):
+    flags.DEFINE_integer(name, None, "", flag_values=fv)
+  fv(args)
+  config = fv["config"].value
+  # One device per group is enough to check the fields; the cluster's own
+  # divisibility is checked when each job starts (or by compile_check).
+  config_lib.validate(config, num_devices=1, num_groups_here=1)
+
+
+def render(launcher: str, name: str, group: int, workdir: str,
+           argv: list[str]) -> str:
+  """One shell command line that starts this group's job."""
+  cmd = " ".join(shlex.quote(a) for a in [_PYTHON.value, *argv])
+  logs = os.path.join(workdir, "logs")
+  if launcher == "shell":
+    return (f"mkdir -p {shlex.quote(logs)} && cd {shlex.quote(_REPO.value)} "
+            f"&& nohup {cmd} > {shlex.quote(logs)}/group_{group}.log 2>&1 &")
+  if launcher == "slurm":
+    dist = ""
+    if _NODES.value > 1:
+      # jax.distributed from SLURM's environment (coordinator: first node).
+      dist = " --coordinator_address=auto"
+    wrap = f"cd {shlex.quote(_REPO.value)} && srun {cmd}{dist}"
+    return (f"mkdir -p {shlex.quote(logs)} && sbatch --job-name={name}-g"
+            f"{group} --nodes={_NODES.value} --ntasks-per-node=1 "
+            f"--output={shlex.quote(logs)}/group_{group}.%j.log "
+            f"--wrap={shlex.quote(wrap)}")
+  if launcher == "gcloud_tpu":
+    tpu = re.sub(r"[^a-z0-9-]", "-", f"{_TPU_PREFIX.value}-{name}".lower())
+    remote = (f"cd {shlex.quote(_REPO.value)} && {cmd} "
+              "--coordinator_address=auto")
+    return (f"gcloud compute tpus tpu-vm ssh {tpu}-g{group} "
+            f"--zone={_ZONE.value} --worker=all --command={shlex.quote(remote)}")
+  raise ValueError(launcher)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  jobs = job_argvs(_CONFIG.value, _ROOT.value, _EXTRA.value,
+                  _EXCHANGE_ROOT.value)
+  if _VALIDATE.value:
+    for name, g, _, job in jobs:
+      try:
+        validate(job)
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"error: sweep point {name} group {g}: "
+              f"{' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(2)
+  lines = [render(_LAUNCHER.value, *job) for job in jobs]
+  for line in lines:
+    print(line, flush=True)
+  if not _DRY_RUN.value and _LAUNCHER.value == "shell":
+    for line in lines:
+      subprocess.run(line, shell=True, check=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir_root"])
+  app.run(main)
