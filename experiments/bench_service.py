@@ -35,6 +35,9 @@ _WORKERS = flags.DEFINE_list("workers", ["1", "2"], "Pool sizes to time.")
 _STEPS = flags.DEFINE_integer("steps", 200, "Student steps per run.")
 _WINDOW = flags.DEFINE_integer("window", 25, "Steps per timing window.")
 _IN_FLIGHT = flags.DEFINE_integer("in_flight", 4, "Service in-flight depth.")
+_REPEATS = flags.DEFINE_integer(
+    "repeats", 2, "Rounds of all runs, interleaved (the machine is shared: "
+    "the spread between rounds shows the noise).")
 _WORKER_CPUS = flags.DEFINE_float("worker_cpus", 1.0,
                                   "Ray CPUs reserved per worker.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_service.json",
@@ -136,14 +139,32 @@ def main(argv):
   with tempfile.TemporaryDirectory() as root:
     for name in _WORKLOADS.value:
       teacher, teacher_dir = _teacher(name, os.path.join(root, name, "t"))
-      base = _student_rate(name, teacher, teacher_dir, "checkpoint", 0,
-                           os.path.join(root, name, "in_process"))
-      results["rows"].append(base)
-      for w in (int(w) for w in _WORKERS.value):
-        row = _student_rate(name, teacher, teacher_dir, "service", w,
-                            os.path.join(root, name, f"service_{w}"))
-        row["over_in_process"] = row["examples_per_s"] / base["examples_per_s"]
-        results["rows"].append(row)
+      runs = [("checkpoint", 0)] + [("service", int(w)) for w in _WORKERS.value]
+      for r in range(_REPEATS.value):
+        for source, w in runs:
+          row = _student_rate(name, teacher, teacher_dir, source, w,
+                              os.path.join(root, name, f"{source}_{w}_{r}"))
+          results["rows"].append({**row, "round": r})
+  # Per (config, source, workers): the median over rounds, and its ratio to
+  # the in-process teacher's median.
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  keys = sorted({(r["config"], r["source"], r["workers"])
+                 for r in results["rows"]})
+  results["summary"] = []
+  for key in keys:
+    rates = [r["examples_per_s"] for r in results["rows"]
+             if (r["config"], r["source"], r["workers"]) == key]
+    results["summary"].append({"config": key[0], "source": key[1],
+                               "workers": key[2],
+                               "examples_per_s": float(np.median(rates)),
+                               "rounds": rates})
+  for row in results["summary"]:
+    base = next(b for b in results["summary"] if b["config"] == row["config"]
+                and b["source"] == "checkpoint")
+    row["over_in_process"] = row["examples_per_s"] / base["examples_per_s"]
+    print(f"{row['config']:<14} {row['source']:<10} workers={row['workers']}"
+          f"  median {row['examples_per_s']:9.0f} examples/s  "
+          f"x{row['over_in_process']:.2f} of in-process", flush=True)
   results["load_avg_1m_at_end"] = os.getloadavg()[0]
   ray.shutdown()
   bench_lib.write_json(_OUT.value, results)
