@@ -153,23 +153,30 @@ def test_targets_equal_the_in_process_teacher(flights, expected, workers):
   del config
 
 
-def test_sparse_topk_target_of_a_softmax_teacher(tmp_path, cluster,
-                                                 small_data):
-  del cluster
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory, small_data):
+  """A trained Fashion-MNIST (softmax) teacher: (config, its step dir)."""
+  root = tmp_path_factory.mktemp("fmnist")
   config = load_config("fashion_mnist")
   for flag in small_data["fashion_mnist"]:  # '--config.data.path=...'.
     key, value = flag[len("--config.data."):].split("=")
     config.data[key] = type(config.data[key])(value)
   config.total_steps = 5
-  train.train_and_evaluate(config, str(tmp_path / "teacher"))
-  config.codistill.teacher_checkpoint = str(tmp_path / "teacher")
+  train.train_and_evaluate(config, str(root / "teacher"))
+  config.codistill.teacher_checkpoint = str(root / "teacher")
+  return config, str(root / "teacher" / "group_0" / "checkpoints" / "5")
+
+
+def test_sparse_topk_target_of_a_softmax_teacher(fmnist, cluster):
+  del cluster
+  config, step_dir = fmnist
   datasets = data_lib.get_module("fashion_mnist").get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)
   batches = [next(iter(datasets.train(s))) for s in range(2)]
   want = in_process_targets(config, datasets, batches)
   for k in (0, 3):
     spec = teacher_lib.TeacherSpec(
-        checkpoint=str(tmp_path / "teacher" / "group_0" / "checkpoints" / "5"),
+        checkpoint=step_dir,
         model_name="cnn", model_kwargs=config.model.to_dict(),
         info={"num_classes": datasets.info["num_classes"]},
         example_inputs=batches[0]["inputs"][:1] * 0, topk=k)
@@ -433,7 +440,7 @@ def test_two_phase_run_through_the_service_matches_in_process_and_survives(
     ("service.in_flight", 0, "in_flight"),
     ("service.request_timeout_s", 0.0, "request_timeout_s"),
     ("service.retries", -1, "retries"),
-    ("service.sparse_topk", 5, "softmax"),
+    ("topk", 5, "softmax"),
     ("divergence", "mse", "probabilities, not logits"),
     ("teacher_checkpoint", "", "teacher_checkpoint"),
 ])
@@ -463,6 +470,27 @@ def test_without_ray_the_error_names_the_extra(tmp_path, monkeypatch):
   monkeypatch.delattr(codistill_jax, "service")
   with pytest.raises(ConfigError, match=r"pip install -e \.\[service\]"):
     train.teacher_service(config, None)
+
+
+@pytest.mark.slow
+def test_sparse_topk_run_through_the_service_matches_in_process(
+    fmnist, cluster, tmp_path):
+  del cluster
+  config = fmnist[0].copy_and_resolve_references()  # The fixture is shared.
+  cd = config.codistill
+  cd.topk, cd.burn_in_steps, cd.temperature = 3, 0, 2.0
+  config.total_steps, config.log_every = 8, 1
+  config.eval_every = config.checkpoint_every = 8
+  cd.service.num_workers, cd.service.worker_cpus = 1, WORKER_CPUS
+  rows = {}
+  for source in ("checkpoint", "service"):
+    cd.teacher_source = source
+    rows[source] = train_rows(config, str(tmp_path / source))[1]
+  for key in ("loss", "distill_loss", "peer_agreement"):
+    np.testing.assert_allclose([r[key] for r in rows["service"]],
+                               [r[key] for r in rows["checkpoint"]],
+                               rtol=1e-5, atol=1e-6, err_msg=key)
+  assert all(r["distill_loss"] > 0 for r in rows["service"])
 
 
 def test_teacher_of_another_architecture_is_refused_at_start(flights,

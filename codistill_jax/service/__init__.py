@@ -14,6 +14,8 @@ distillation (`step.Distill(teacher_apply_fn=None, ...)`).
               Ray's named-actor registry.
   reader.py   `TargetReader`: in-flight window, order, retries, timeouts,
               join/leave, wait or fall back when no worker is alive.
+  serve.py    a command adding (or stopping) detached workers on a running
+              cluster.
 
 Optional extra: `pip install -e .[service]`. Only `train.py` imports this
 package, lazily, for `config.codistill.teacher_source='service'`.

@@ -68,7 +68,7 @@ def spec_from_config(config: ml_collections.ConfigDict, info: dict,
       info={k: v for k, v in info.items() if k in fields and k not in kwargs},
       example_inputs=example, temperature=float(cd.temperature),
       binary=config.loss == "sigmoid_xent",
-      topk=int(cd.service.sparse_topk), dtype=cd.teacher_dtype)
+      topk=int(cd.topk), dtype=cd.teacher_dtype)
   # A checkpoint of another architecture fails here, in the trainer, at
   # start-up (metadata only), not later in every worker.
   model = models_lib.build(spec.model_name, spec.model_kwargs, spec.info)
