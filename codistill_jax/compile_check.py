@@ -36,6 +36,7 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
+from jax.experimental import topologies
 import jax.numpy as jnp
 from ml_collections import config_flags
 
@@ -134,7 +135,8 @@ def _teachers(config, setup, datasets, mesh):
     kwargs = (cd.teacher_model.to_dict() if cd.teacher_model_name
               else config.model.to_dict())
     teacher = models_lib.build(name, kwargs, datasets.info)
-    example = train._example_inputs(next(iter(datasets.train(0))))  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    example = train._example_inputs(next(iter(datasets.train(0))))
     params = jax.eval_shape(
         lambda: teacher.init(jax.random.PRNGKey(0), example, train=False))
     repl = mesh_lib.replicated(mesh)
@@ -202,7 +204,6 @@ def _fail(message: str, code: int = 2) -> None:
 def _target_devices():
   """The devices to compile for, from --topology or --num_devices."""
   if _TOPOLOGY.value:
-    from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
     try:
       topo = topologies.get_topology_desc(topology_name=_TOPOLOGY.value,
                                           platform="tpu")

@@ -156,7 +156,8 @@ def render(launcher: str, name: str, group: int, workdir: str,
     remote = (f"cd {shlex.quote(_REPO.value)} && {cmd} "
               "--coordinator_address=auto")
     return (f"gcloud compute tpus tpu-vm ssh {tpu}-g{group} "
-            f"--zone={_ZONE.value} --worker=all --command={shlex.quote(remote)}")
+            f"--zone={_ZONE.value} --worker=all "
+            f"--command={shlex.quote(remote)}")
   raise ValueError(launcher)
 
 
