@@ -28,5 +28,7 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         "test": ["pytest==9.0.3"],
+        # The teacher-inference service (codistill_jax/service/).
+        "service": ["ray==2.60.0"],
     },
 )

@@ -127,9 +127,8 @@ def base_config() -> ml_collections.ConfigDict:
   # or 'fallback' (compute targets in this process until a worker joins).
   c.codistill.service.no_worker = "wait"
   c.codistill.service.wait_timeout_s = 120.0  # 'wait' (and worker start-up).
-  # > 0: targets are the teacher's top-k probabilities plus a tail bucket
-  # (softmax models only); 0: full probabilities.
-  c.codistill.service.sparse_topk = 0
+  # Workers send full probabilities, or with config.codistill.topk = k > 0
+  # only the top k (the loss keeps the rest of the mass as a tail bucket).
   return c
 
 
@@ -188,6 +187,12 @@ def _check_codistill(cd: ml_collections.ConfigDict) -> None:
                       f"{cd.teacher_checkpoint}: no such directory")
 
 
+def _check_init_checkpoint(path: str) -> None:
+  if path and "://" not in path and not os.path.exists(path):
+    raise ConfigError(f"config.init_checkpoint={path}: no such directory; "
+                      "point it at a run's workdir or a step dir, or set ''")
+
+
 def _check_service(config: ml_collections.ConfigDict) -> None:
   """config.codistill.service, when teacher_source='service'."""
   if config.codistill.teacher_source != "service":
@@ -200,7 +205,7 @@ def _check_service(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"{name}.address={s.address!r} must be a string ('' = "
                       "a local cluster on loopback)")
   for field, minimum in (("num_workers", 0), ("in_flight", 1),
-                         ("retries", 0), ("sparse_topk", 0)):
+                         ("retries", 0)):
     value = s[field]
     if not isinstance(value, int) or isinstance(value, bool) or (
         value < minimum):
@@ -221,9 +226,6 @@ def _check_service(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.codistill.divergence="
                       f"{config.codistill.divergence!r}: the service sends "
                       "probabilities, not logits; use 'kl' or 'xent'")
-  if s.sparse_topk and config.loss != "softmax_xent":
-    raise ConfigError(f"{name}.sparse_topk={s.sparse_topk} needs a softmax "
-                      "model (config.loss='softmax_xent'); use 0")
 
 
 def _check_sparse(config: ml_collections.ConfigDict) -> None:
@@ -317,6 +319,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
                   "codistill.exchange_every", "data.batch_size",
                   "data.eval_batch_size")
   _check_codistill(config.codistill)
+  _check_init_checkpoint(config.init_checkpoint)
   _check_service(config)
   _check_sparse(config)
   if config.keep_checkpoints < 3:

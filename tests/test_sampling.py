@@ -350,6 +350,7 @@ def _rows(workdir, g=0):
       os.path.join(workdir, f"group_{g}", "metrics.jsonl")) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_codistillation_with_sampled_distillation_end_to_end(small_data,
                                                              tmp_path):
   from codistill_jax import train  # pylint: disable=g-import-not-at-top
@@ -368,6 +369,7 @@ def test_codistillation_with_sampled_distillation_end_to_end(small_data,
     assert np.isfinite(final[g]["test/perplexity"])
 
 
+@pytest.mark.slow
 def test_two_phase_sampled_distillation_and_unigram_proposal(small_data,
                                                              tmp_path):
   from codistill_jax import train  # pylint: disable=g-import-not-at-top
