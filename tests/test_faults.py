@@ -239,6 +239,9 @@ def check_job(workdir, num_groups):
   for g in range(num_groups):
     assert final_metrics(workdir, g)["step"] == TOTAL
     assert max(committed(ckpt_dir(workdir, g))) == TOTAL
+    # What kills left half-written went when the group restarted.
+    assert not uncommitted(ckpt_dir(workdir, g))
+    assert not uncommitted(exchange.published_dir(workdir, g))
     for h in set(range(num_groups)) - {g}:
       held = held_steps(workdir, g, h)
       assert held, (g, h)
