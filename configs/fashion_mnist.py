@@ -63,5 +63,30 @@ def get_config(arg=None):
   return c
 
 
-def sweep():
-  return [{"optimizer.weight_decay": wd} for wd in (0.0, 1e-5, 1e-4)]
+def sweep(name=None, quick=False):
+  """Sweep points as dicts of dotted overrides (`--config.k=v` flags).
+
+  Args:
+    name: None: weight decay of the baseline (experiments/sweep_launch.py).
+      'wd': Sodhani et al.'s comparison at equal steps, scaled to CPU: sync
+      at batch 2B = 128 vs 2-way codistillation at B = 64 per group, each at
+      weight decay 0, 1e-4 (this config's) and 0.1 (adamw's decay is
+      multiplied by the learning rate, so 1e-4 barely acts in 600 steps).
+      Codistilled points need 2 devices: XLA_FLAGS=
+      --xla_force_host_platform_device_count=2.
+    quick: the points experiments/repro.py --quick runs on `:quick`.
+  """
+  if name is None:
+    return [{"optimizer.weight_decay": wd} for wd in (0.0, 1e-5, 1e-4)]
+  if name != "wd":
+    raise ValueError(f"unknown sweep {name!r}: None or 'wd'")
+  b = 16 if quick else 64
+  sync = {"data.batch_size": 2 * b}
+  codistill = {"data.batch_size": b, "codistill.num_groups": 2,
+               "codistill.exchange_blocking": True}
+  steps = {} if quick else {"total_steps": 600, "eval_every": 200,
+                            "checkpoint_every": 600}
+  decays = (0.1,) if quick else (0.0, 1e-4, 0.1)
+  seeds = range(1) if quick else range(3)
+  return [{**steps, **method, "optimizer.weight_decay": wd, "seed": s}
+          for s in seeds for wd in decays for method in (sync, codistill)]

@@ -63,6 +63,49 @@ def get_config(arg=None):
   return c
 
 
-def sweep():
-  """Seeds of the baseline (churn needs retrains that differ in seed)."""
-  return [{"seed": s} for s in range(3)]
+# Methods of the reproduction studies as overrides of this (1-group) config.
+# Run a point with G groups in one process on G fake CPU devices:
+#   XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m \
+#       codistill_jax.main --config=configs/flights.py --workdir=/tmp/x \
+#       --config.codistill.num_groups=2 --config.seed=1 ...
+# `exchange_blocking` makes the staleness exact, so a rerun is reproducible.
+_CODISTILL = {"codistill.num_groups": 2, "codistill.exchange_blocking": True}
+# A 2-model ensemble: two groups, no distillation, both on all the data.
+_ENSEMBLE = {"codistill.num_groups": 2, "codistill.alpha": 0.0,
+             "data.partition": "shared", "codistill.exchange_blocking": True}
+
+
+def sweep(name=None, quick=False):
+  """Sweep points as dicts of dotted overrides (`--config.k=v` flags).
+
+  Args:
+    name: None: seeds of the baseline (what experiments/sweep_launch.py
+      launches). 'churn': baseline vs 2-model ensemble vs 2-way codistillation
+      over seeds (Anil et al.'s Criteo claim). 'sensitivity': exchange
+      interval, burn-in, alpha and G around the codistilled default, at 1000
+      steps.
+    quick: the points experiments/repro.py --quick runs on `:quick`.
+  """
+  if name is None:
+    return [{"seed": s} for s in range(3)]
+  if name == "churn":
+    seeds = range(2) if quick else range(5)
+    return [{**method, "seed": s} for s in seeds
+            for method in ({}, _ENSEMBLE, _CODISTILL)]
+  if name == "sensitivity":
+    steps = {} if quick else {"total_steps": 1000, "eval_every": 1000}
+    base = {**_CODISTILL, **steps}
+    if quick:
+      knobs = [{"codistill.exchange_every": 1}]
+      return [{**base, **k, "seed": 0} for k in knobs]
+    knobs = ([{}]
+             + [{"codistill.exchange_every": e} for e in (10, 250, 1000)]
+             + [{"codistill.alpha": a} for a in (0.0, 0.25, 0.5, 2.0)]
+             + [{"codistill.burn_in_steps": b} for b in (0, 500)]
+             + [{"codistill.num_groups": g} for g in (3, 4)]
+             + [{"codistill.exchange_every": 1}])  # Slowest: last.
+    # Seed-major order: a partial sweep still covers every knob once; each
+    # seed also has the 1-group baseline at the same steps.
+    return [p for s in range(3) for p in
+            [{**steps, "seed": s}] + [{**base, **k, "seed": s} for k in knobs]]
+  raise ValueError(f"unknown sweep {name!r}: None, 'churn', 'sensitivity'")

@@ -69,5 +69,39 @@ def get_config(arg=None):
   return c
 
 
-def sweep():
-  return [{"data.batch_size": b} for b in (16, 32, 64, 128)]
+# The LM of the speed study, scaled to a shared 2-core CPU: 1 layer, width 64,
+# 2,048 word types, 32-token windows, 400 documents (~0.5M training tokens).
+REPRO_SIZE = {"model.num_layers": 1, "model.emb_dim": 64, "model.mlp_dim": 256,
+              "model.num_heads": 2, "data.vocab_size": 2048,
+              "data.seq_len": 32, "data.max_files": 400}
+
+
+def sweep(name=None, quick=False):
+  """Sweep points as dicts of dotted overrides (`--config.k=v` flags).
+
+  Args:
+    name: None: batch sizes of the baseline (experiments/sweep_launch.py).
+      'speed': Anil et al.'s speed claim, scaled (REPRO_SIZE, 1000 steps,
+      validation every 50): sync at batch B in {8, 16, 32, 64} and 2-way
+      codistillation at B per group for B in {8, 16, 32}, so each
+      codistilled point has its sync B and sync 2B. Codistilled points need
+      2 devices: XLA_FLAGS=--xla_force_host_platform_device_count=2.
+    quick: the points experiments/repro.py --quick runs on `:quick`.
+  """
+  if name is None:
+    return [{"data.batch_size": b} for b in (16, 32, 64, 128)]
+  if name != "speed":
+    raise ValueError(f"unknown sweep {name!r}: None or 'speed'")
+  if quick:
+    common, syncs, codistills, seeds = {"eval_every": 5}, (8, 16), (8,), [0]
+  else:
+    common = {**REPRO_SIZE, "total_steps": 1000, "eval_every": 50,
+              "checkpoint_every": 500, "optimizer.warmup_steps": 50}
+    syncs, codistills, seeds = (8, 16, 32, 64), (8, 16, 32), (0, 1)
+  points = []
+  for s in seeds:
+    points += [{**common, "data.batch_size": b, "seed": s} for b in syncs]
+    points += [{**common, "data.batch_size": b, "codistill.num_groups": 2,
+                "codistill.exchange_blocking": True, "seed": s}
+               for b in codistills]
+  return points
