@@ -45,6 +45,9 @@ _ROOT = flags.DEFINE_string(
 _EXCHANGE_ROOT = flags.DEFINE_string(
     "exchange_root", None, "If set, each point's groups exchange params under "
     "<exchange_root>/<point> (e.g. gs://bucket/sweep) instead of its workdir.")
+_SWEEP = flags.DEFINE_string(
+    "sweep", None, "A named sweep of the config (its `sweep(name)`, e.g. "
+    "'churn'); default: `sweep()`.")
 _LAUNCHER = flags.DEFINE_enum("launcher", "shell",
                               ["shell", "slurm", "gcloud_tpu"],
                               "How each group's job is started.")
@@ -88,11 +91,14 @@ def point_name(index: int, point: dict) -> str:
 
 
 def job_argvs(config_arg: str, root: str, extra: list[str],
-              exchange_root: str | None = None):
+              exchange_root: str | None = None, sweep_name: str | None = None):
   """[(point name, group, workdir, argv of main.py)] for the whole sweep."""
   path, _, arg = config_arg.partition(":")
   module = load_config_module(path)
-  points = module.sweep() if hasattr(module, "sweep") else [{}]
+  if sweep_name:
+    points = module.sweep(sweep_name)
+  else:
+    points = module.sweep() if hasattr(module, "sweep") else [{}]
   out = []
   for i, point in enumerate(points):
     overrides = [f"--config.{k}={flag_value(v)}" for k, v in point.items()]
@@ -165,7 +171,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   jobs = job_argvs(_CONFIG.value, _ROOT.value, _EXTRA.value,
-                  _EXCHANGE_ROOT.value)
+                  _EXCHANGE_ROOT.value, _SWEEP.value)
   if _VALIDATE.value:
     for name, g, _, job in jobs:
       try:

@@ -12,6 +12,7 @@
 """
 
 import glob
+import importlib.util
 import os
 import shlex
 import subprocess
@@ -168,3 +169,16 @@ def test_a_printed_sweep_command_runs(tmp_path):
   assert run.returncode == 0, run.stderr
   workdir = os.path.join(str(tmp_path), "p0_seed=0")
   assert os.listdir(os.path.join(workdir, "group_0", "checkpoints")) == ["3"]
+
+
+def test_named_sweep_launches_each_points_own_group_count(tmp_path):
+  spec = importlib.util.spec_from_file_location(
+      "flights_cfg", os.path.join(ROOT, "configs", "flights.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  points = module.sweep("churn")
+  want = sum(p.get("codistill.num_groups", 1) for p in points)
+  result = sweep("--config=configs/flights.py:quick", "--sweep=churn",
+                 f"--workdir_root={tmp_path}", "--dry_run")
+  assert result.returncode == 0, result.stderr
+  assert len(result.stdout.splitlines()) == want > len(points)
