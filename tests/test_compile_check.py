@@ -57,6 +57,7 @@ def test_every_config_compiles_for_the_fake_devices(name, small_data):
   assert any("per device total" in line for line in report.lines())
 
 
+@pytest.mark.slow  # Four compiles and data loads.
 def test_teachers_and_sharding_rules_change_the_figures(small_data):
   base = compile_check.check(quick("flights", small_data, groups=2))
   # Four groups: three stacked teachers of float32 params on each device.
