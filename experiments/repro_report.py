@@ -9,6 +9,8 @@ experiments/report/notes.md (one `## <study>` section each) and is spliced in
 under the matching claim, so regenerating never loses it.
 """
 
+import functools
+import importlib.util
 import itertools
 import json
 import os
@@ -22,6 +24,7 @@ import numpy as np
 
 from codistill_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DPI = 80  # Keeps each PNG well under 200 KB.
 SENSITIVITY_DEFAULTS = {"codistill.exchange_every": 50,
                         "codistill.burn_in_steps": 200,
@@ -46,11 +49,16 @@ def _curve(workdir: str, sub: str, key: str) -> dict[int, float]:
 
 
 def method(point) -> str:
+  """'sync', 'ensemble' (G models, no distillation, all rows each),
+  'codistill' (disjoint shards), 'codistill_shared' (all rows each), or
+  'no_distill' (G models on disjoint shards, alpha 0)."""
   o = point.overrides
   if int(o.get("codistill.num_groups", 1)) == 1:
     return "sync"
-  return "ensemble" if float(o.get("codistill.alpha", 1.0)) == 0 else (
-      "codistill")
+  shared = o.get("data.partition") == "shared"
+  if float(o.get("codistill.alpha", 1.0)) == 0:
+    return "ensemble" if shared else "no_distill"
+  return "codistill_shared" if shared else "codistill"
 
 
 def _groups_mean(point, key: str):
@@ -160,8 +168,26 @@ def _log_loss(p, labels, w) -> float:
   return float(np.average(ll, weights=w))
 
 
-def churn_study(points, out_dir: str) -> dict:
-  """Baseline vs 2-model ensemble vs codistilled: churn between retrains."""
+METHODS = ("sync", "ensemble", "codistill", "codistill_shared")
+
+
+@functools.lru_cache
+def _config_steps(config: str) -> int:
+  """total_steps of 'configs/x.py[:arg]' (the default of a point's budget)."""
+  path, _, arg = config.partition(":")
+  spec = importlib.util.spec_from_file_location(
+      "repro_config", os.path.join(REPO, path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None).total_steps
+
+
+def _steps(point) -> str:
+  return str(point.overrides.get("total_steps", _config_steps(point.config)))
+
+
+def _churn_regime(points) -> dict:
+  """Churn, log-loss and AUC per method for points of one step budget."""
   served = {}  # method -> {seed: (probs of the served model, labels, w)}
   for p in points:
     if not p.done:
@@ -173,57 +199,75 @@ def churn_study(points, out_dir: str) -> dict:
     probs = pred["probs"].mean(0) if m == "ensemble" else pred["probs"][0]
     served.setdefault(m, {})[p.overrides["seed"]] = (
         probs, pred["labels"], pred["weights"])
-  rows, summary, pair_values = [], {}, {}
-  for m in ("sync", "ensemble", "codistill"):
+  summary = {}
+  for m in METHODS:
     runs = served.get(m, {})
-    losses = [_log_loss(*v) for v in runs.values()]
-    aucs = [metrics_lib.auc(v[1][v[2] > 0], v[0][v[2] > 0])
-            for v in runs.values()]
-    pairs = [float(np.average(np.abs(runs[a][0] - runs[b][0]),
-                              weights=runs[a][2]))
-             for a, b in itertools.combinations(sorted(runs), 2)]
-    pair_values[m] = pairs
-    summary[m] = {"seeds": sorted(runs), "log_loss": losses, "auc": aucs,
-                  "churn_pairs": pairs}
-  base = np.mean(pair_values["sync"]) if pair_values.get("sync") else None
-  for m in ("sync", "ensemble", "codistill"):
+    summary[m] = {
+        "seeds": sorted(runs),
+        "log_loss": [_log_loss(*v) for v in runs.values()],
+        "auc": [metrics_lib.auc(v[1][v[2] > 0], v[0][v[2] > 0])
+                for v in runs.values()],
+        "churn_pairs": [float(np.average(np.abs(runs[a][0] - runs[b][0]),
+                                         weights=runs[a][2]))
+                        for a, b in itertools.combinations(sorted(runs), 2)]}
+  base = summary["sync"]["churn_pairs"]
+  rows = []
+  for m in METHODS:
     s = summary[m]
-    ratio = (f"{np.mean(s['churn_pairs']) / base:.2f}"
-             if base and s["churn_pairs"] else "n/a")
-    s["ratio"] = (float(np.mean(s["churn_pairs"]) / base)
+    s["ratio"] = (float(np.mean(s["churn_pairs"]) / np.mean(base))
                   if base and s["churn_pairs"] else None)
     rows.append([m, ",".join(map(str, s["seeds"])) or "-",
-                 _fmt(s["log_loss"]), _fmt(s["auc"]),
-                 _fmt(s["churn_pairs"]), ratio])
+                 _fmt(s["log_loss"]), _fmt(s["auc"]), _fmt(s["churn_pairs"]),
+                 "n/a" if s["ratio"] is None else f"{s['ratio']:.2f}"])
   table = _table(["method", "seeds", "test log-loss", "test AUC",
                   "churn mean abs dp (pairs of seeds)", "churn / sync"], rows)
+  return {"table": table, "summary": summary}
 
-  fig, ax = plt.subplots(figsize=(5, 3.2))
-  for i, m in enumerate(("sync", "ensemble", "codistill")):
-    v = pair_values.get(m) or []
-    if v:
-      ax.bar(i, np.mean(v), yerr=np.std(v, ddof=1) if len(v) > 1 else 0,
-             color=f"C{i}", alpha=0.6, capsize=4)
-      ax.scatter([i] * len(v), v, color="k", s=8, zorder=3)
-  ax.set_xticks(range(3), ["sync (1 model)", "2-model ensemble",
-                           "codistilled (1 model)"])
+
+def churn_study(points, out_dir: str) -> dict:
+  """Baseline vs 2-model ensemble vs codistilled: churn between retrains."""
+  budgets = sorted({_steps(p) for p in points}, key=int, reverse=True)
+  regimes = {b: _churn_regime([p for p in points if _steps(p) == b])
+             for b in budgets}
+
+  fig, ax = plt.subplots(figsize=(5.5, 3.2))
+  width = 0.8 / max(len(budgets), 1)
+  for j, b in enumerate(budgets):
+    for i, m in enumerate(METHODS):
+      v = regimes[b]["summary"][m]["churn_pairs"]
+      if v:
+        x = i + (j - (len(budgets) - 1) / 2) * width
+        ax.bar(x, np.mean(v), width * 0.9,
+               yerr=np.std(v, ddof=1) if len(v) > 1 else 0, capsize=3,
+               color=f"C{i}", alpha=0.35 + 0.5 * j / max(len(budgets), 1),
+               label=f"{b} steps" if i == 0 else None)
+        ax.scatter([x] * len(v), v, color="k", s=6, zorder=3)
+  ax.set_xticks(range(len(METHODS)), ["sync\n(1 model)", "2-model\nensemble",
+                                      "codistilled\n(1 model)",
+                                      "codistilled,\nshared rows"])
   ax.set_ylabel("churn: mean |p_a - p_b|, test")
   ax.set_title("flights: churn between retrains (dots: seed pairs)")
+  _legend(ax)
   bars = _savefig(fig, out_dir, "churn_bars.png")
 
   fig, ax = plt.subplots(figsize=(5, 3.2))
-  for i, m in enumerate(("sync", "ensemble", "codistill")):
-    runs = sorted((p for p in points if p.done and method(p) == m),
-                  key=lambda p: p.overrides["seed"])
-    if runs:
-      c = _curve(runs[0].workdir, "group_0", "task_loss")
-      ax.plot(list(c), list(c.values()), color=f"C{i}", label=m)
+  for j, b in enumerate(budgets):
+    for i, m in enumerate(METHODS):
+      runs = sorted((p for p in points if p.done and method(p) == m
+                     and _steps(p) == b), key=lambda p: p.overrides["seed"])
+      if runs:
+        c = _mean_curve(runs[0], "validation/log_loss")
+        ax.plot(list(c), list(c.values()), color=f"C{i}", marker="o",
+                linestyle=["-", "--"][j % 2], label=f"{m}, {b} steps")
   ax.set_xlabel("step")
-  ax.set_ylabel("train task loss (group 0)")
-  ax.set_title("flights: train loss, first seed")
+  ax.set_ylabel("validation log-loss (mean of groups)")
+  ax.set_title("flights: validation log-loss, first seed")
   _legend(ax)
   curves = _savefig(fig, out_dir, "churn_loss.png")
-  return {"table": table, "plots": [bars, curves], "summary": summary}
+  table = "\n\n".join(f"{b} steps:\n\n{r['table']}"
+                       for b, r in regimes.items())
+  return {"table": table, "plots": [bars, curves],
+          "summary": {b: r["summary"] for b, r in regimes.items()}}
 
 
 # ----------------------------------------------------------------------------
@@ -339,12 +383,12 @@ def speed_study(points, out_dir: str) -> dict:
       for x, y in zip(xs, ys):
         curve_rows.append([m, x, x * mult, _fmt(y, 0)])
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("examples per step (all groups)")
+    ax.set_xlabel("sequences per step (all groups)")
     ax.set_ylabel("steps to common target")
     ax.set_title("LM: steps to the loss every run reaches")
     _legend(ax)
     plots.append(_savefig(fig, out_dir, "speed_batch_curve.png"))
-  curve_table = _table(["method", "B per group", "examples per step",
+  curve_table = _table(["method", "B per group", "sequences per step",
                         "steps to common target (seeds)"], curve_rows)
   targets = ", ".join(f"seed {s}: {t:.3f}" for s, (t, _) in by_seed.items())
   return {"table": table, "curve_table": curve_table, "targets": targets,
@@ -544,8 +588,8 @@ def service_section(results_dir: str) -> str:
          "`python experiments/bench_service.py`", ""]
   bench = _load(os.path.join(results_dir, "bench_service.json"))
   if bench is None:
-    out.append("Not yet measured (experiments/results/bench_service.json is "
-               "missing).")
+    out.append("Throughput: not yet measured (experiments/results/"
+               "bench_service.json is missing).")
     return "\n".join(out)
   out.append(f"{bench.get('machine_cores')} cores, student on "
              f"{bench.get('student_devices')}; load average "
@@ -584,18 +628,22 @@ def _notes(repo: str) -> dict[str, str]:
 
 def _verdicts(churn, speed, wd) -> list[list[str]]:
   rows = []
-  s = churn["summary"]
-  if s["sync"]["churn_pairs"] and s["codistill"]["churn_pairs"]:
-    ratio = s["codistill"]["ratio"]
+  texts, helds = [], []
+  for b, s in churn["summary"].items():
+    if not (s["sync"]["churn_pairs"] and s["codistill"]["churn_pairs"]):
+      continue
     ll_cd, ll_b = np.mean(s["codistill"]["log_loss"]), np.mean(
         s["sync"]["log_loss"])
     ens = s["ensemble"]["ratio"]
-    held = "yes" if ratio <= 0.65 and ll_cd <= ll_b else "no"
-    churn_text = (f"churn codistilled / sync = {ratio:.2f} (ensemble "
-                  f"{ens:.2f}); log-loss {ll_cd:.4f} vs {ll_b:.4f}; "
-                  f"{len(s['sync']['seeds'])} seeds, all seed pairs")
-  else:
-    churn_text, held = "not yet measured", "-"
+    helds.append(f"{'yes' if s['codistill']['ratio'] <= 0.65 and ll_cd <= ll_b else 'no'}"
+                 f" ({b} steps)")
+    texts.append(f"{b} steps: churn codistilled / sync = "
+                 f"{s['codistill']['ratio']:.2f}"
+                 + (f", ensemble {ens:.2f}" if ens is not None else "")
+                 + f"; log-loss {ll_cd:.4f} vs sync {ll_b:.4f}; "
+                 f"{len(s['sync']['seeds'])} seeds, all pairs")
+  churn_text = "; ".join(texts) or "not yet measured"
+  held = ", ".join(helds) or "-"
   speed_rows = speed["summary"]
   if speed_rows:
     b = max(speed_rows, key=int)
@@ -623,8 +671,8 @@ def _verdicts(churn, speed, wd) -> list[list[str]]:
                f"codistilled {bc.split('/')[1]}: {_fmt(cd[bc])}")
   else:
     wd_text, wd_held = "not yet measured", "-"
-  rows.append(["1. LM speed", "Anil et al. Fig. 2: ~2x fewer steps (ratio "
-               "~0.5); ours <= 0.6", speed_text, speed_held,
+  rows.append(["1. LM speed", "Anil et al., Common Crawl LSTM: ~2x fewer "
+               "steps than sync (ratio ~0.5); ours <= 0.6", speed_text, speed_held,
                "`python experiments/repro.py --studies=speed`"])
   rows.append(["2. Churn (CTR)", "Anil et al. Criteo (unverified): 0.019 "
                "codistilled vs 0.029 plain (0.66x); ours <= 0.65x", churn_text,
