@@ -12,6 +12,7 @@ Resume order (DESIGN.md): the run's own newest checkpoint, then
 
 import json
 import os
+import socket
 from typing import Any
 
 from etils import epath
@@ -20,6 +21,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from codistill_jax.errors import ConfigError
+from codistill_jax.errors import StorageError
 
 # Fields that may change between a run and its resumption: they change how a
 # run is watched, not what it computes.
@@ -27,13 +29,45 @@ RESUMABLE_FIELDS = ("log_every", "eval_every", "checkpoint_every",
                     "keep_checkpoints")
 
 
+# How a filesystem refuses a write, as OSError or in tensorstore's messages
+# (which wrap the OS error in a ValueError).
+_REFUSALS = ("No space left on device", "Disk quota exceeded",
+             "File too large", "Read-only file system", "Permission denied",
+             "Not a directory")
+
+
+def storage_error(what: str, path: str,
+                  e: BaseException) -> StorageError | None:
+  """A one-line StorageError if `e` is the storage refusing a write, else None.
+
+  Args:
+    what: what was being written, e.g. 'a checkpoint'.
+    path: the directory it was written under.
+    e: the error raised by the write (OSError, or Orbax's ValueError).
+  """
+  text = str(e)
+  reason = next((r for r in _REFUSALS if r in text), None)
+  if reason is None and isinstance(e, OSError) and e.strerror:
+    reason = e.strerror
+  if reason is None:
+    return None
+  return StorageError(
+      f"cannot write {what} under {path}: {reason}; free space or point "
+      "--workdir (and config.codistill.exchange_dir) at a writable "
+      "filesystem, then rerun the same command: it resumes from the last "
+      "committed checkpoint")
+
+
 class Checkpointer:
   """An Orbax CheckpointManager for one group's own TrainState."""
 
   def __init__(self, directory: str, max_to_keep: int = 3,
                multiprocessing_options=None):
+    # cleanup_tmp_directories: saves a killed process left half-written
+    # (never read: not committed) are deleted when the group restarts.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True,
+        cleanup_tmp_directories=True,
         **({"multiprocessing_options": multiprocessing_options}
            if multiprocessing_options else {}))
     self.directory = directory
@@ -44,13 +78,27 @@ class Checkpointer:
     return self._mgr.latest_step()
 
   def save(self, step: int, state: Any) -> None:
-    """Starts an async save; returns once the arrays are copied off-device."""
-    self._mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+    """Starts an async save; returns once the arrays are copied off-device.
+
+    Also raises a failure of the previous save (Orbax waits for it first).
+    """
+    try:
+      self._mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+    except (OSError, ValueError) as e:
+      raise storage_error("a checkpoint", self.directory, e) or e
 
   def restore(self, step: int, abstract_state: Any) -> Any:
     """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs)."""
-    problem = mismatch(os.path.join(self._mgr.directory, str(step),
-                                    "default"), abstract_state)
+    try:
+      problem = mismatch(os.path.join(self._mgr.directory, str(step),
+                                      "default"), abstract_state)
+    except OSError as e:  # Committed, then damaged (a torn copy, bit rot).
+      older = [s for s in self._mgr.all_steps() if s < step]
+      raise ConfigError(
+          f"checkpoint {self.directory}/{step} is partial or corrupt ({e}); "
+          "move that step directory away to resume from "
+          f"{f'step {max(older)}' if older else 'scratch'}, or use a fresh "
+          "--workdir") from None
     if problem:
       raise ConfigError(
           f"checkpoint {self.directory}/{step} does not match this config's "
@@ -59,7 +107,10 @@ class Checkpointer:
                              args=ocp.args.StandardRestore(abstract_state))
 
   def wait(self) -> None:
-    self._mgr.wait_until_finished()
+    try:
+      self._mgr.wait_until_finished()
+    except (OSError, ValueError) as e:
+      raise storage_error("a checkpoint", self.directory, e) or e
 
   def close(self) -> None:
     self._mgr.close()
@@ -151,7 +202,22 @@ def _comparable(config: ml_collections.ConfigDict) -> dict:
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError if `workdir` holds a run of another config."""
+  """Raises ConfigError if `workdir` holds a run of another config, or
+  StorageError if it cannot be created or written (checked without writing).
+  """
+  if "://" not in workdir:
+    # The nearest existing ancestor must be a directory this job may write
+    # (access() sees a read-only filesystem even for root).
+    probe = os.path.abspath(workdir)
+    while not os.path.exists(probe):
+      probe = os.path.dirname(probe)
+    reason = ("Not a directory" if not os.path.isdir(probe) else
+              None if os.access(probe, os.W_OK | os.X_OK) else
+              f"{probe} is read-only or not writable")
+    if reason:
+      raise StorageError(
+          f"--workdir={workdir} cannot be written ({reason}); point "
+          "--workdir at a directory this job can create and write")
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     return
@@ -177,9 +243,19 @@ def _diff_keys(a, b, prefix=""):
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json atomically (tmp + rename)."""
-  os.makedirs(workdir, exist_ok=True)
+  """Writes config.json atomically (tmp + rename): a run's first write.
+
+  The groups of a run may be separate jobs starting together: each writes its
+  own temporary file, so that one's rename never takes another's.
+  """
   path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(path + ".tmp", path)
+  tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, path)
+  except OSError as e:
+    raise StorageError(
+        f"--workdir={workdir} cannot be written ({e.strerror or e}); point "
+        "--workdir at a directory this job can create and write") from None

@@ -63,17 +63,27 @@ class Publisher:
         published_dir(exchange_dir, group),
         options=ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
+            # A killed predecessor's half-written saves go at restart.
+            cleanup_tmp_directories=True,
             enable_async_checkpointing=not self._background))
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
     self._future = None
     self.skipped = 0  # Publishes skipped because a save was still running.
+    # Steps committed before this process started. A group restarted from an
+    # older checkpoint (after a crash) replays steps it had published: those
+    # stay as committed (peers may hold them) and the replay's are not saved.
+    self._earlier = set(self._mgr.all_steps())
 
   def warm_up(self, params: Any) -> None:
     """Compiles the copy and fingerprint before the loop (not on its clock)."""
     jax.block_until_ready(_copy_with_fingerprint(params))
 
   def _save(self, step: int, item: Any) -> None:
-    self._mgr.save(step, args=ocp.args.StandardSave(item), force=True)
+    try:
+      self._mgr.save(step, args=ocp.args.StandardSave(item), force=True)
+    except (OSError, ValueError) as e:
+      raise ckpt_lib.storage_error(f"published params of step {step}",
+                                   str(self._mgr.directory), e) or e
 
   def publish(self, step: int, params: Any, if_idle: bool = False) -> bool:
     """Publishes `params` as `step`; returns False if it skipped.
@@ -86,6 +96,8 @@ class Publisher:
         interval; peers then keep a slightly staler teacher rather than the
         training loop stalling).
     """
+    if step in self._earlier:  # Replayed after a restart: already committed.
+      return False
     if not self._background:
       copy, fp = _copy_with_fingerprint(params)
       self._save(step, {"params": copy, "fingerprint": fp})
@@ -105,7 +117,11 @@ class Publisher:
   def wait(self) -> None:
     if self._future is not None:
       self._future.result()
-    self._mgr.wait_until_finished()
+    try:
+      self._mgr.wait_until_finished()
+    except (OSError, ValueError) as e:
+      raise ckpt_lib.storage_error("published params",
+                                   str(self._mgr.directory), e) or e
 
   def close(self) -> None:
     self.wait()
@@ -116,6 +132,20 @@ class Publisher:
 @jax.jit
 def _copy_with_fingerprint(params):
   return jax.tree.map(jnp.copy, params), fingerprint(params)
+
+
+def teachers_sharding(param_shardings: Any) -> step_lib.Teachers:
+  """Layout of stacked peer params: unsplit teacher axis, then as the params.
+
+  `PeerReader` stacks onto it; `compile_check` compiles the step for it.
+  """
+  mesh = jax.tree.leaves(param_shardings)[0].mesh
+  return step_lib.Teachers(
+      params=jax.tree.map(
+          lambda s: jax.sharding.NamedSharding(
+              mesh, jax.sharding.PartitionSpec(None, *s.spec)),
+          param_shardings),
+      weights=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def committed_steps(directory: str) -> list[int]:
@@ -157,12 +187,7 @@ class PeerReader:
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
     self._future = None
     shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
-    mesh = jax.tree.leaves(shardings)[0].mesh
-    stacked_sharding = step_lib.Teachers(
-        params=jax.tree.map(
-            lambda s: jax.sharding.NamedSharding(
-                mesh, jax.sharding.PartitionSpec(None, *s.spec)), shardings),
-        weights=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    stacked_sharding = teachers_sharding(shardings)
     dtype = self._dtype
 
     def stack(weights, *trees):

@@ -9,8 +9,12 @@ one-line `error: ...` message and exit code 2, before anything is compiled or
 written.
 """
 
+import errno
+import glob
 import logging as pylogging
+import os
 import re
+import shutil
 import sys
 
 from absl import app
@@ -19,6 +23,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from codistill_jax.errors import ConfigError
+from codistill_jax.errors import StorageError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, optionally with ':arg'.",
@@ -31,7 +36,8 @@ _GROUPS = flags.DEFINE_list(
     "the exchange directory.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0 for a multi-process "
-    "JAX job (jax.distributed); unset for a single process.")
+    "JAX job (jax.distributed), or 'auto' to take it and the process count and "
+    "id from the cluster (SLURM, Cloud TPU VMs, ...); unset for one process.")
 _NUM_PROCESSES = flags.DEFINE_integer(
     "num_processes", None, "Processes in this JAX job (with "
     "--coordinator_address).")
@@ -42,6 +48,29 @@ _PROCESS_ID = flags.DEFINE_integer(
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
+
+
+# The filesystem refusing a write (a full, read-only or missing workdir).
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_REFUSED = _FULL + (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+
+
+def _fail_now(message: str) -> None:
+  """_fail for a write that failed mid-run: skips the interpreter's exit.
+
+  Orbax's writer threads of the failed save are still unwinding; a normal exit
+  would print their errors after ours. Nothing they hold is committed.
+  """
+  print(f"error: {message}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(2)  # pylint: disable=protected-access
+
+
+def _committed_steps(workdir: str) -> list[str]:
+  """Committed own checkpoints (step dirs with plain numeric names)."""
+  return [d for d in glob.glob(os.path.join(workdir, "group_*", "checkpoints",
+                                            "*"))
+          if os.path.basename(d).isdigit()]
 
 
 def _one_line(text: str) -> str:
@@ -86,9 +115,10 @@ def _parse_flags(argv):
       g.strip().isdigit() for g in _GROUPS.value):
     _fail(f"--groups={','.join(_GROUPS.value)} must be group indices, e.g. "
           "--groups=0,1")
-  if _COORDINATOR.value and (_NUM_PROCESSES.value is None or
-                             _PROCESS_ID.value is None):
-    _fail("--coordinator_address needs --num_processes and --process_id")
+  if _COORDINATOR.value not in (None, "", "auto") and (
+      _NUM_PROCESSES.value is None or _PROCESS_ID.value is None):
+    _fail("--coordinator_address needs --num_processes and --process_id "
+          "(or use --coordinator_address=auto on SLURM or Cloud TPU VMs)")
   return rest
 
 
@@ -116,13 +146,35 @@ def main(argv):
     if jax.config.jax_platforms in ("cpu", None) or "cpu" in str(
         jax.config.jax_platforms):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
-                               _PROCESS_ID.value)
+    if _COORDINATOR.value == "auto":  # The cluster's environment says.
+      jax.distributed.initialize()
+    else:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                                 _PROCESS_ID.value)
   groups = None if _GROUPS.value is None else [int(g) for g in _GROUPS.value]
+  # A job of every group alone owns a workdir it creates; see the cleanup.
+  owns_new_workdir = (groups is None and not _COORDINATOR.value and
+                      not os.path.exists(_WORKDIR.value))
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, groups=groups)
+  except StorageError as e:
+    _fail_now(str(e))
   except ConfigError as e:
+    if owns_new_workdir and not _committed_steps(_WORKDIR.value):
+      # Found once set-up had begun (a data file that does not parse, an init
+      # checkpoint of another architecture): leave no half-made run dir that
+      # a rerun would take for this run. With --groups other jobs may share
+      # the dir, so it stays.
+      shutil.rmtree(_WORKDIR.value, ignore_errors=True)
     _fail(str(e))
+  except OSError as e:
+    if e.errno not in _REFUSED or not e.filename:
+      raise
+    fix = ("free space or point --workdir at a filesystem with room"
+           if e.errno in _FULL else "point --workdir at a writable directory")
+    _fail_now(f"cannot write {e.filename}: {e.strerror}; {fix}, then rerun "
+              "the same command: it resumes from the last committed "
+              "checkpoint")
   except FloatingPointError as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)

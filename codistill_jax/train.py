@@ -309,12 +309,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt_lib.check_workdir(workdir, config)
   data_module = data_lib.get_module(config.data.name)
   devices = dict(zip(groups, mesh_lib.group_devices(len(groups))))
+  for g in groups:
+    procs = sorted({d.process_index for d in devices[g]})
+    if len(procs) != jax.process_count():
+      # Orbax saves of a multi-process job take part on every process and
+      # refuse arrays that live on a subset of them (found by running it).
+      raise ConfigError(
+          f"group {g} would live on processes {procs} of this "
+          f"{jax.process_count()}-process job; every process of a job must "
+          "hold part of each of its groups: run each group as its own job "
+          "(--groups=g, one multi-process job per group; see README)")
   owned = [g for g in groups
            if any(d.process_index == jax.process_index() for d in devices[g])]
   exchange_dir = cd.exchange_dir or workdir
   use_peers = cd.teacher_source == "peers" and num_groups > 1
-  if jax.process_index() == 0:
-    ckpt_lib.write_config(workdir, config)
 
   metrics_fn = metrics_lib.eval_metrics_fn(config.loss)
   predictions_fn = metrics_lib.predictions_fn(config.loss)
@@ -392,6 +400,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.info("group %d: %d devices, %d params, examples %s", g,
                  len(devices[g]), n_params,
                  datasets.info.get("num_examples", ""))
+
+  # The run's identity, once set-up found no bad data or checkpoint (a
+  # failed resume must not rewrite the config of the run it failed on).
+  if jax.process_index() == 0:
+    ckpt_lib.write_config(workdir, config)
 
   # --------------------------------------------------------------------------
   # Evaluation: each group, then (when this job holds several) their ensemble
