@@ -153,6 +153,22 @@ def _teachers(config, setup, datasets, mesh):
   return apply_fn, _abstract(stacked, sharding), sharding
 
 
+def _service_targets(config, setup, batch, sharding):
+  """Abstract `batch['teacher']` of the teacher service: probs or top-k."""
+  logits = jax.eval_shape(
+      lambda p, x: setup.model.apply(p, x, train=False),
+      setup.abstract.params, batch["inputs"])
+  k = config.codistill.topk
+  if not k:
+    shapes = {"probs": (logits.shape, jnp.float32)}
+  else:
+    shape = (*logits.shape[:-1], k)
+    shapes = {"topk_ids": (shape, jnp.int32),
+              "topk_probs": (shape, jnp.float32)}
+  return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+          for name, (shape, dtype) in shapes.items()}
+
+
 def check(config, devices=None) -> Report:
   """Compiles one group's train step for `devices` (all groups'); no compute.
 
@@ -175,8 +191,12 @@ def check(config, devices=None) -> Report:
       next(iter(datasets.train(0))))
   apply_fn, teachers, teacher_sharding = _teachers(config, setup, datasets,
                                                    mesh)
+  service = config.codistill.teacher_source == "service"
+  if service:  # The targets arrive in the batch, as the workers send them.
+    batch = {**batch, "teacher": _service_targets(config, setup, batch,
+                                                  batch_sharding)}
   step_fn = train.jit_train_step(config, setup, mesh, apply_fn,
-                                 teacher_sharding)
+                                 teacher_sharding, precomputed=service)
   args = (setup.abstract, batch) + ((teachers,) if teachers else ())
   t = time.perf_counter()
   compiled = step_fn.lower(*args).compile()

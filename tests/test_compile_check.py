@@ -127,3 +127,30 @@ def test_cli_reports_and_enforces_the_budget(tmp_path):
                   "--num_devices=3")
   assert bad.returncode == 2 and "num_groups" in bad.stderr
   assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow  # Four compiles.
+def test_sampled_and_service_steps_compile_with_their_own_inputs(small_data,
+                                                                 tmp_path):
+  """The sampled step compiles (its memory gain shows at large V only:
+  experiments/bench_sampled.py); the service's targets arrive as batch
+  inputs (dense probabilities or top-k), not as teachers."""
+  full = compile_check.check(quick("kernel_lm", small_data))
+  sampled = quick("kernel_lm", small_data)
+  sampled.codistill.sampled.num_samples = 32
+  sampled = compile_check.check(sampled)
+  assert sampled.teachers == 1 and sampled.flops != full.flops
+  pytest.importorskip("ray")
+  service = quick("kernel_lm", small_data, groups=1)
+  service.codistill.teacher_source = "service"
+  service.codistill.teacher_checkpoint = str(tmp_path)  # Never read here.
+  dense = compile_check.check(service)
+  assert dense.teachers == 0
+  service.codistill.topk = 4
+  sparse = compile_check.check(service)
+  # [b, L, V] float32 probabilities vs [b, L, 4] int32 ids + probabilities.
+  from codistill_jax.data import kernel_docs  # pylint: disable=g-import-not-at-top
+  vocab = kernel_docs.load(service)[1].vocab_size
+  b, length = service.data.batch_size // 8, service.data.seq_len
+  assert dense.argument_bytes - sparse.argument_bytes == pytest.approx(
+      b * length * (vocab - 8) * 4, rel=0.05)
