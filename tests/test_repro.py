@@ -40,8 +40,12 @@ def _run_quick(root, out, *extra):
 
 def _table_rows(section: str) -> list[list[str]]:
   """Data rows (not header or rule) of the first Markdown table in `section`."""
-  lines = [l for l in section.splitlines() if l.startswith("|")]
-  return [[c.strip() for c in l.strip("|").split("|")] for l in lines[2:]]
+  lines = section.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith("|"))
+  end = next((i for i in range(start, len(lines))
+              if not lines[i].startswith("|")), len(lines))
+  return [[c.strip() for c in l.strip("|").split("|")]
+          for l in lines[start + 2:end]]
 
 
 DATASETS = {"/usr/share/datasets/fashion-mnist":
