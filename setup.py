@@ -27,7 +27,10 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.0.3"],
+        # matplotlib: tests/test_repro.py renders the report's plots.
+        "test": ["pytest==9.0.3", "matplotlib==3.9.2"],
+        # experiments/repro.py: sweeps, plots and experiments/REPORT.md.
+        "repro": ["matplotlib==3.9.2"],
         # The teacher-inference service (codistill_jax/service/).
         "service": ["ray==2.60.0"],
     },
