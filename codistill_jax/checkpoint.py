@@ -58,21 +58,54 @@ def storage_error(what: str, path: str,
       "committed checkpoint")
 
 
+def multiprocessing_options(name: str):
+  """Orbax options for one of several managers of a multi-process job.
+
+  Every group has its own managers, so their cross-process barriers get keys
+  of their own (`name`, the same on every process), or one manager's
+  barrier would be met by another's arrivals. Naming the processes (all of
+  them) makes Orbax use the coordination service's barriers rather than a
+  device all-reduce: one issued from Orbax's commit thread could otherwise
+  meet a train step's all-reduce in the CPU collectives (gloo) and abort
+  both. None in a single-process job.
+  """
+  if jax.process_count() == 1:
+    return None
+  return ocp.options.MultiprocessingOptions(
+      primary_host=0, active_processes=set(range(jax.process_count())),
+      barrier_sync_key_prefix=name)
+
+
+def manager(directory: str, name: str, **options) -> ocp.CheckpointManager:
+  """A CheckpointManager at `directory` (created), one of several in a job.
+
+  Args:
+    directory: local path, NFS or gs://.
+    name: unique among the job's managers, e.g. 'state_g0'.
+    **options: further `CheckpointManagerOptions`.
+  """
+  multiprocessing = multiprocessing_options(name)
+  if multiprocessing is None:
+    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        create=True, **options))
+  # Orbax leaves creating the directory to us once processes are named.
+  epath.Path(directory).mkdir(parents=True, exist_ok=True)
+  return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+      create=False, multiprocessing_options=multiprocessing, **options))
+
+
 class Checkpointer:
   """An Orbax CheckpointManager for one group's own TrainState."""
 
   def __init__(self, directory: str, max_to_keep: int = 3,
-               multiprocessing_options=None):
+               name: str = "state"):
+    """`name`: tells this manager's Orbax barriers from other managers'."""
+    self.directory = directory
     # cleanup_tmp_directories: saves a killed process left half-written
     # (never read: not committed) are deleted when the group restarts.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True,
-        cleanup_tmp_directories=True,
-        **({"multiprocessing_options": multiprocessing_options}
-           if multiprocessing_options else {}))
-    self.directory = directory
-    self._mgr = ocp.CheckpointManager(os.path.abspath(directory),
-                                      options=options)
+    self._mgr = manager(
+        os.path.abspath(directory), name, max_to_keep=max_to_keep,
+        enable_async_checkpointing=True, cleanup_tmp_directories=True)
 
   def latest_step(self) -> int | None:
     return self._mgr.latest_step()
@@ -185,7 +218,9 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                      dtype=x.dtype), abstract_params)
-  with ocp.PyTreeCheckpointer() as ckptr:
+  options = multiprocessing_options("init_params")
+  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(), **(
+      {"multiprocessing_options": options} if options else {})) as ckptr:
     restored = ckptr.restore(
         os.path.join(step_dir, "default"),
         args=ocp.args.PyTreeRestore(

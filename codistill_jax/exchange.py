@@ -19,11 +19,10 @@ import concurrent.futures
 import dataclasses
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -59,13 +58,12 @@ class Publisher:
 
   def __init__(self, exchange_dir: str, group: int, max_to_keep: int = 3):
     self._background = jax.process_count() == 1
-    self._mgr = ocp.CheckpointManager(
-        published_dir(exchange_dir, group),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True,
-            # A killed predecessor's half-written saves go at restart.
-            cleanup_tmp_directories=True,
-            enable_async_checkpointing=not self._background))
+    self._mgr = ckpt_lib.manager(
+        published_dir(exchange_dir, group), f"publish_g{group}",
+        max_to_keep=max_to_keep,
+        # A killed predecessor's half-written saves go at restart.
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=not self._background)
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
     self._future = None
     self.skipped = 0  # Publishes skipped because a save was still running.
@@ -148,6 +146,29 @@ def teachers_sharding(param_shardings: Any) -> step_lib.Teachers:
       weights=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
+def _group_broadcast(mesh: jax.sharding.Mesh) -> Callable:
+  """values -> the first process's values, on every process of `mesh`.
+
+  A collective over the group's own devices, ordered after the group's
+  train steps on each of them. A job-wide one
+  (`multihost_utils.broadcast_one_to_all`) would run beside the other
+  groups' steps on their devices and, with the CPU collectives (gloo),
+  meet their all-reduces and abort.
+  """
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+  first = jax.jit(lambda x: x[0], out_shardings=jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec()))
+  local = len(mesh.local_devices)
+
+  def broadcast(values: np.ndarray) -> np.ndarray:
+    rows = np.broadcast_to(values, (local, *values.shape))
+    return np.asarray(first(jax.make_array_from_process_local_data(
+        sharding, rows)))
+
+  return broadcast
+
+
 def committed_steps(directory: str) -> list[int]:
   """Committed steps in a published dir ([] if it does not exist yet)."""
   try:
@@ -183,6 +204,9 @@ class PeerReader:
                 mesh, jax.sharding.PartitionSpec()))}
     self._retries = retries
     self._dtype = jnp.dtype(teacher_dtype)
+    self._restore_options = ckpt_lib.multiprocessing_options(
+        "read_" + "_".join(str(g) for g in peers))
+    self._agree = _group_broadcast(mesh)
     self._lock = threading.Lock()
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
     self._future = None
@@ -221,7 +245,9 @@ class PeerReader:
                    ckpt_lib.mismatch(item, self._abstract_item))
         if problem:
           raise ValueError(f"another architecture: {problem}")
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(**(
+            {"multiprocessing_options": self._restore_options}
+            if self._restore_options else {})) as ckptr:
           restored = ckptr.restore(item, self._abstract_item)
         params = restored["params"]
         saved, now = (np.asarray(restored["fingerprint"]),
@@ -259,13 +285,13 @@ class PeerReader:
     """Multi-process group: every process restores the same steps, together.
 
     Orbax restores of arrays that span processes synchronise the processes,
-    so they run in the main thread at the same point of the loop, and process
-    0's view of the newest committed steps is broadcast so that all agree.
+    so they run in the main thread at the same point of the loop, and the
+    first process's view of the newest committed steps is broadcast so that
+    all agree.
     """
-    newest = np.array([(committed_steps(published_dir(
+    newest = self._agree(np.array([(committed_steps(published_dir(
         self.exchange_dir, s.group)) or [-1])[-1] for s in self.slots],
-                      np.int64)
-    newest = multihost_utils.broadcast_one_to_all(newest)
+                                  np.int32))
     for slot, step in zip(self.slots, newest.tolist()):
       if step >= 0 and (slot.step is None or step > slot.step):
         self._restore_one(slot, only_step=int(step))

@@ -23,14 +23,39 @@ STRATEGIES = ("replicate", "fsdp")
 
 
 def group_devices(num_groups: int, devices: Sequence[Any] | None = None):
-  """Splits the (global) devices into `num_groups` equal, contiguous lists."""
-  devices = list(devices if devices is not None else jax.devices())
+  """Splits the (global) devices into `num_groups` equal sub-meshes.
+
+  One process: contiguous runs of its devices. A multi-process job (one JAX
+  job holding G sub-meshes): every group takes the same share of every
+  process's devices, so each group spans all processes and every process
+  runs each group's steps, collectives and Orbax saves in the same order.
+  Groups on disjoint subsets of the processes are not offered: with
+  orbax-checkpoint 0.12.8 a save of a group whose processes exclude process
+  0 never commits (its barrier is not met), and a group held by one process
+  cannot be saved at all (Orbax takes arrays one process holds whole for
+  pmap outputs). Run such groups as separate jobs instead.
+  """
+  devices = sorted(devices if devices is not None else jax.devices(),
+                   key=lambda d: (d.process_index, d.id))
   if num_groups < 1 or len(devices) % num_groups:
     raise ConfigError(
         f"config.num_groups={num_groups} does not divide the {len(devices)} "
         "devices; use a divisor of the device count")
-  n = len(devices) // num_groups
-  return [devices[i * n:(i + 1) * n] for i in range(num_groups)]
+  by_process: dict[int, list[Any]] = {}
+  for d in devices:
+    by_process.setdefault(d.process_index, []).append(d)
+  hosts = list(by_process.values())
+  if any(len(h) % num_groups for h in hosts):
+    raise ConfigError(
+        f"{num_groups} groups do not divide the devices of each of the "
+        f"{len(hosts)} processes ({sorted({len(h) for h in hosts})} each): "
+        "in one multi-process job every group takes an equal share of every "
+        "process's devices; use a divisor of the devices per process, or run "
+        "each group as its own job (--groups=g, sharing "
+        "config.codistill.exchange_dir; see README)")
+  return [[d for h in hosts for d in h[g * len(h) // num_groups:
+                                         (g + 1) * len(h) // num_groups]]
+          for g in range(num_groups)]
 
 
 def make_mesh(devices: Sequence[Any]) -> Mesh:

@@ -1,9 +1,11 @@
 """The host loop: `train_and_evaluate(config, workdir)`, top to bottom.
 
 G groups train at once. This job drives the groups whose devices it owns: all
-of them in a plain single-process run, or the ones named by `groups` when each
-group (or a few) runs as its own job. Per group: its disjoint data shard, its
-state created sharded on its own sub-mesh, its own checkpoints and logs under
+of them in a plain single-process run or a multi-host job (every group then
+spans all processes: `mesh.group_devices`), or the ones named by `groups` when
+each group (or a few) runs as its own job. Per group: its
+disjoint data shard, its state created sharded on its own sub-mesh, its own
+checkpoints and logs under
 `workdir/group_<g>/`. Dispatch is asynchronous, so groups on disjoint devices
 run concurrently.
 
@@ -228,7 +230,10 @@ class _Preemption:
     self._old = None
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    # Multi-process: JAX's preemption notifier catches SIGTERM (a Python
+    # handler here would replace it, and the sync point would never come).
+    if (jax.process_count() == 1 and
+        threading.current_thread() is threading.main_thread()):
       self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
 
@@ -277,9 +282,8 @@ class Group:
     return self.fixed_teachers
 
 
-def _process_slot(devices) -> tuple[int, int]:
+def _process_slot(procs: list[int]) -> tuple[int, int]:
   """(index, count) of this process among the processes of a group."""
-  procs = sorted({d.process_index for d in devices})
   return procs.index(jax.process_index()), len(procs)
 
 
@@ -309,18 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   ckpt_lib.check_workdir(workdir, config)
   data_module = data_lib.get_module(config.data.name)
   devices = dict(zip(groups, mesh_lib.group_devices(len(groups))))
-  for g in groups:
-    procs = sorted({d.process_index for d in devices[g]})
-    if len(procs) != jax.process_count():
-      # Orbax saves of a multi-process job take part on every process and
-      # refuse arrays that live on a subset of them (found by running it).
-      raise ConfigError(
-          f"group {g} would live on processes {procs} of this "
-          f"{jax.process_count()}-process job; every process of a job must "
-          "hold part of each of its groups: run each group as its own job "
-          "(--groups=g, one multi-process job per group; see README)")
-  owned = [g for g in groups
-           if any(d.process_index == jax.process_index() for d in devices[g])]
+  procs_of = {g: sorted({d.process_index for d in devices[g]}) for g in groups}
+  owned = [g for g in groups if jax.process_index() in procs_of[g]]
   exchange_dir = cd.exchange_dir or workdir
   use_peers = cd.teacher_source == "peers" and num_groups > 1
 
@@ -335,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   teachers_service = None  # One per job, shared by its groups.
   for g in owned:
     mesh = mesh_lib.make_mesh(devices[g])
-    proc, nproc = _process_slot(devices[g])
+    proc, nproc = _process_slot(procs_of[g])
     datasets = data_module.get_datasets(
         config, group=g, num_groups=num_groups, process_index=proc,
         process_count=nproc)
@@ -345,7 +339,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     # Resume order: own checkpoint, then config.init_checkpoint, then scratch.
     checkpointer = ckpt_lib.Checkpointer(
-        f"{workdir}/group_{g}/checkpoints", config.keep_checkpoints)
+        f"{workdir}/group_{g}/checkpoints", config.keep_checkpoints,
+        name=f"state_g{g}")
     start = checkpointer.latest_step()
     if start is not None:
       state = checkpointer.restore(start, setup.abstract)

@@ -5,8 +5,12 @@
     written by hand, so jax.distributed sets itself up exactly as under srun.
   * G separate jobs that share nothing but an exchange directory (as on NFS
     or gs://): their own workdirs, `config.codistill.exchange_dir` in common.
-  * One job whose groups would each live on a subset of its processes: a
-    clear error, since Orbax's multi-process saves need every process.
+  * One multi-host JAX job holding G sub-meshes: two processes of two
+    devices each, every group on one device of each process; preempted by
+    SIGTERM and resumed, it ends bitwise where the same run in one process
+    of four devices ends.
+  * A job whose groups would each live on a subset of its processes: a clear
+    error (orbax-checkpoint cannot save such groups; see mesh.group_devices).
   * experiments/sweep_launch.py: the dry run of every config and launcher,
     and one of its commands run for real.
 """
@@ -14,7 +18,9 @@
 import glob
 import importlib.util
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -22,7 +28,7 @@ import time
 import pytest
 
 from codistill_jax import metrics
-from tests.test_train import ROOT
+from tests.test_train import ROOT, assert_trees_equal, restore_params
 
 pytestmark = pytest.mark.slow
 
@@ -50,8 +56,8 @@ def slurm_task(task, ntasks, job_id, *args, log):
 
 
 def peer_steps(workdir, g, peer):
-  rows = metrics.read_jsonl(os.path.join(workdir, f"group_{g}",
-                                         "metrics.jsonl"))
+  path = os.path.join(workdir, f"group_{g}", "metrics.jsonl")
+  rows = metrics.read_jsonl(path) if os.path.exists(path) else []
   key = f"staleness/group_{peer}"
   return [r["step"] - r[key] for r in rows if key in r]
 
@@ -91,6 +97,69 @@ def test_slurm_multi_process_group_and_a_separate_job_share_an_exchange_dir(
   assert os.listdir(os.path.join(run1, "group_1", "checkpoints")) == ["600"]
   assert sorted(os.listdir(shared)) == ["group_0", "group_1"]
   assert peer_steps(run0, 0, 1) and peer_steps(run1, 1, 0)
+
+
+def test_one_multi_host_job_holds_both_groups_preempted_and_resumed(
+    tmp_path):
+  total = 40
+  flags = [QUICK, f"--config.total_steps={total}", "--config.log_every=1",
+           "--config.eval_every=1000", "--config.checkpoint_every=1000",
+           "--config.codistill.exchange_every=5",
+           "--config.codistill.burn_in_steps=5",
+           # Deterministic: each exchange publishes and reloads before the
+           # next step, so two layouts of one run can be compared bitwise.
+           "--config.codistill.exchange_blocking=True"]
+  single, multi = str(tmp_path / "single"), str(tmp_path / "multi")
+  reference = subprocess.Popen(
+      [sys.executable, "-m", "codistill_jax.main", f"--workdir={single}",
+       *flags], cwd=ROOT, env=env_for(devices=4),
+      stdout=open(tmp_path / "single.log", "w"), stderr=subprocess.STDOUT)
+
+  def job(attempt):
+    port = 20000 + (os.getpid() * 7 + attempt) % 20000
+    return [subprocess.Popen(
+        [sys.executable, "-m", "codistill_jax.main", f"--workdir={multi}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={p}", *flags], cwd=ROOT, env=env_for(devices=2),
+        stdout=open(tmp_path / f"multi{attempt}_p{p}.log", "w"),
+        stderr=subprocess.STDOUT) for p in (0, 1)]
+
+  def log(name):
+    return (tmp_path / name).read_text()
+
+  procs = job(0)
+  # Preempted mid-run: SIGTERM to every process (as a scheduler does).
+  deadline = time.time() + 300
+  while max(peer_steps(multi, 0, 1) or [0]) < 10:
+    assert time.time() < deadline and all(p.poll() is None for p in procs), (
+        log("multi0_p0.log")[-3000:])
+    time.sleep(0.2)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  assert [p.wait(timeout=300) for p in procs] == [0, 0], log("multi0_p0.log")
+  stops = {int(m) for p in (0, 1) for m in re.findall(
+      r"stopped at step (\d+) after SIGTERM", log(f"multi0_p{p}.log"))}
+  assert len(stops) == 1, stops  # Both processes stopped at the same step.
+  stop = stops.pop()
+  assert 10 <= stop < total
+  for g in (0, 1):
+    assert os.listdir(os.path.join(multi, f"group_{g}", "checkpoints")) == [
+        str(stop)]
+
+  procs = job(1)
+  assert [p.wait(timeout=300) for p in procs] == [0, 0], log("multi1_p0.log")
+  assert reference.wait(timeout=300) == 0, log("single.log")
+  text = log("multi1_p0.log")
+  for g in (0, 1):
+    # One job, both groups, each on one device of each process.
+    assert f"group {g}: 2 devices" in text
+    assert f"group {g}: resumed from its own checkpoint at step {stop}" in text
+    # Each read its peer's publications through the exchange directory.
+    assert peer_steps(multi, g, 1 - g)
+    assert_trees_equal(restore_params(multi, total, g),
+                       restore_params(single, total, g))
+  # The ensemble of the job's groups was evaluated, as in one process.
+  assert os.path.exists(os.path.join(multi, "ensemble", "metrics.jsonl"))
 
 
 def test_groups_split_over_the_processes_of_one_job_is_a_clear_error(
