@@ -2,7 +2,9 @@ r"""Turns a config's `sweep()` into one launch command per sweep point x group.
 
 Every group of every sweep point is its own job (`python -m
 codistill_jax.main --groups=g`); the groups of a point share the point's
-workdir (and exchange directory: local disk, NFS or gs://). Each sweep point
+workdir (and exchange directory: local disk, NFS or gs://). With
+`--one_job`, each point is instead one (multi-host) job holding all its
+groups, each group on a share of every host's devices. Each sweep point
 reruns by hand from its printed flags.
 
   python experiments/sweep_launch.py --config=configs/flights_codistill.py \
@@ -58,7 +60,12 @@ _EXTRA = flags.DEFINE_multi_string(
     "extra", [], "More flags for every job, e.g. "
     "--extra=--config.total_steps=100 (repeat the flag for several).")
 _NODES = flags.DEFINE_integer("nodes_per_group", 1,
-                              "slurm: nodes (one JAX process each) per group.")
+                              "slurm: nodes (one JAX process each) per group "
+                              "(with --one_job: per point).")
+_ONE_JOB = flags.DEFINE_bool(
+    "one_job", False, "One job per sweep point holding all its groups (a "
+    "multi-host JAX job: the group count must divide each host's devices) "
+    "instead of one job per group.")
 _PYTHON = flags.DEFINE_string("python", "python",
                               "The Python on the machines that run the jobs.")
 _TPU_PREFIX = flags.DEFINE_string("tpu_prefix", "codistill",
@@ -91,8 +98,12 @@ def point_name(index: int, point: dict) -> str:
 
 
 def job_argvs(config_arg: str, root: str, extra: list[str],
-              exchange_root: str | None = None, sweep_name: str | None = None):
-  """[(point name, group, workdir, argv of main.py)] for the whole sweep."""
+              exchange_root: str | None = None, sweep_name: str | None = None,
+              one_job: bool = False):
+  """[(point name, group, workdir, argv of main.py)] for the whole sweep.
+
+  With `one_job`, one entry per point whose group is 'all' (no --groups).
+  """
   path, _, arg = config_arg.partition(":")
   module = load_config_module(path)
   if sweep_name:
@@ -112,10 +123,14 @@ def job_argvs(config_arg: str, root: str, extra: list[str],
     if exchange_root:  # Never shared between points: runs differ.
       overrides.append("--config.codistill.exchange_dir=" +
                        f"{exchange_root.rstrip('/')}/{name}")
+    base = ["-m", "codistill_jax.main", f"--config={config_arg}",
+            f"--workdir={workdir}"]
+    if one_job:
+      out.append((name, "all", workdir, [*base, *overrides, *extra]))
+      continue
     for g in range(groups):
-      argv = ["-m", "codistill_jax.main", f"--config={config_arg}",
-              f"--workdir={workdir}", f"--groups={g}", *overrides, *extra]
-      out.append((name, g, workdir, argv))
+      out.append((name, g, workdir,
+                  [*base, f"--groups={g}", *overrides, *extra]))
   return out
 
 
@@ -139,9 +154,9 @@ def validate(argv: list[str]) -> None:
   config_lib.validate(config, num_devices=1, num_groups_here=1)
 
 
-def render(launcher: str, name: str, group: int, workdir: str,
+def render(launcher: str, name: str, group: int | str, workdir: str,
            argv: list[str]) -> str:
-  """One shell command line that starts this group's job."""
+  """One shell command line that starts this group's job (or 'all')."""
   cmd = " ".join(shlex.quote(a) for a in [_PYTHON.value, *argv])
   logs = os.path.join(workdir, "logs")
   if launcher == "shell":
@@ -149,7 +164,7 @@ def render(launcher: str, name: str, group: int, workdir: str,
             f"&& nohup {cmd} > {shlex.quote(logs)}/group_{group}.log 2>&1 &")
   if launcher == "slurm":
     dist = ""
-    if _NODES.value > 1:
+    if _NODES.value > 1 or group == "all":
       # jax.distributed from SLURM's environment (coordinator: first node).
       dist = " --coordinator_address=auto"
     wrap = f"cd {shlex.quote(_REPO.value)} && srun {cmd}{dist}"
@@ -171,7 +186,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   jobs = job_argvs(_CONFIG.value, _ROOT.value, _EXTRA.value,
-                  _EXCHANGE_ROOT.value, _SWEEP.value)
+                  _EXCHANGE_ROOT.value, _SWEEP.value, _ONE_JOB.value)
   if _VALIDATE.value:
     for name, g, _, job in jobs:
       try:

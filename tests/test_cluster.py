@@ -204,6 +204,20 @@ def test_sweep_dry_run_prints_one_command_per_point_and_group(tmp_path,
   assert not os.listdir(tmp_path)  # A dry run starts and writes nothing.
 
 
+def test_sweep_dry_run_one_job_per_point_holding_all_groups(tmp_path):
+  result = sweep("--config=configs/flights_codistill.py",
+                 f"--workdir_root={tmp_path}", "--launcher=slurm",
+                 "--nodes_per_group=2", "--one_job", "--dry_run")
+  assert result.returncode == 0, result.stderr
+  lines = result.stdout.splitlines()
+  assert len(lines) == 3  # sweep(): 3 seeds, each one job of both groups.
+  for i, line in enumerate(lines):
+    text = " ".join(shlex.split(line))
+    assert "--groups" not in text and f"--config.seed={i}" in text
+    assert "--nodes=2" in text and "--coordinator_address=auto" in text
+  assert not os.listdir(tmp_path)
+
+
 def test_sweep_of_every_config_validates_its_commands(tmp_path):
   for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py"))):
     name = os.path.relpath(path, ROOT)
