@@ -14,6 +14,7 @@ printed in the report and in each run's repro_done.json):
   churn        configs/flights.py sweep('churn'): claim 2 (reproducibility)
   speed        configs/kernel_lm.py sweep('speed'): claim 1 (LM speed)
   wd           configs/fashion_mnist.py sweep('wd'): claim 3 (weight decay)
+  wd_long      configs/fashion_mnist.py sweep('wd_long'): claim 3, 4x longer
   sensitivity  configs/flights.py sweep('sensitivity'): claim 4
 
 Resuming: a point whose run exited 0 has WORKDIR/repro_done.json and is
@@ -46,6 +47,7 @@ class Study:
 STUDIES = {
     "churn": Study("configs/flights.py", "churn"),
     "wd": Study("configs/fashion_mnist.py", "wd"),
+    "wd_long": Study("configs/fashion_mnist.py", "wd_long"),
     "speed": Study("configs/kernel_lm.py", "speed"),
     "sensitivity": Study("configs/flights.py", "sensitivity"),
 }

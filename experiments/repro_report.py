@@ -57,9 +57,11 @@ def method(point) -> str:
   if int(o.get("codistill.num_groups", 1)) == 1:
     return "sync"
   shared = o.get("data.partition") == "shared"
-  if float(o.get("codistill.alpha", 1.0)) == 0:
+  alpha = float(o.get("codistill.alpha", 1.0))
+  if alpha == 0:
     return "ensemble" if shared else "no_distill"
-  return "codistill_shared" if shared else "codistill"
+  return ("codistill_shared" if shared else "codistill") + (
+      "" if alpha == 1 else f"_alpha{alpha:g}")
 
 
 def _groups_mean(point, key: str):
@@ -169,7 +171,11 @@ def _log_loss(p, labels, w) -> float:
   return float(np.average(ll, weights=w))
 
 
-METHODS = ("sync", "ensemble", "codistill", "codistill_shared")
+METHODS = ("sync", "ensemble", "codistill", "codistill_shared",
+           "codistill_alpha2", "codistill_shared_alpha2")
+METHOD_LABELS = ("sync\n(1 model)", "2-model\nensemble", "codistilled\n(1 model)",
+                 "codistilled,\nshared rows", "codistilled\nalpha 2",
+                 "codistilled,\nshared, alpha 2")
 
 
 @functools.lru_cache
@@ -231,7 +237,7 @@ def churn_study(points, out_dir: str) -> dict:
   regimes = {b: _churn_regime([p for p in points if _steps(p) == b])
              for b in budgets}
 
-  fig, ax = plt.subplots(figsize=(5.5, 3.2))
+  fig, ax = plt.subplots(figsize=(7.5, 3.4))
   width = 0.8 / max(len(budgets), 1)
   for j, b in enumerate(budgets):
     for i, m in enumerate(METHODS):
@@ -242,9 +248,7 @@ def churn_study(points, out_dir: str) -> dict:
                yerr=np.std(v, ddof=1) if len(v) > 1 else 0, capsize=3,
                color=f"C{i}", alpha=0.6, hatch=["", "//", "xx"][j % 3])
         ax.scatter([x] * len(v), v, color="k", s=6, zorder=3)
-  ax.set_xticks(range(len(METHODS)), ["sync\n(1 model)", "2-model\nensemble",
-                                      "codistilled\n(1 model)",
-                                      "codistilled,\nshared rows"])
+  ax.set_xticks(range(len(METHODS)), METHOD_LABELS, fontsize=7)
   ax.set_ylabel("churn: mean |p_a - p_b|, test")
   ax.set_title("flights: churn between retrains (dots: seed pairs)")
   ax.legend(handles=[matplotlib.patches.Patch(
@@ -292,12 +296,30 @@ def steps_to(curve: dict[int, float], target: float):
   return None
 
 
+VARIANT_KEYS = ("data.partition", "codistill.alpha", "codistill.exchange_every")
+
+
+def variant(point) -> str:
+  """'' for a point of the main speed grid, else what it changes."""
+  return ", ".join(f"{k.split('.')[-1]}={point.overrides[k]}"
+                   for k in VARIANT_KEYS if k in point.overrides)
+
+
 def speed_study(points, out_dir: str) -> dict:
   runs = {}  # (method, per-group batch, seed) -> validation loss curve
+  variants = []  # (point, curve) of codistillation variants.
+  ensembles = {}  # (per-group batch, seed) -> final val loss of the 2 groups
   for p in points:
     if p.done:
-      runs[(method(p), p.overrides["data.batch_size"], p.overrides["seed"])] = (
-          _mean_curve(p, "validation/loss"))
+      curve = _mean_curve(p, "validation/loss")
+      if variant(p):
+        variants.append((p, curve))
+      else:
+        runs[(method(p), p.overrides["data.batch_size"],
+              p.overrides["seed"])] = curve
+        if method(p) == "codistill":
+          ensembles[(p.overrides["data.batch_size"], p.overrides["seed"])] = (
+              _final(p.workdir, "ensemble", "validation/ensemble/loss"))
   seeds = sorted({k[2] for k in runs})
   cd_batches = sorted({k[1] for k in runs if k[0] == "codistill"})
   rows, ratios = [], {}
@@ -393,26 +415,93 @@ def speed_study(points, out_dir: str) -> dict:
   curve_table = _table(["method", "B per group", "sequences per step",
                         "steps to common target (seeds)"], curve_rows)
   targets = ", ".join(f"seed {s}: {t:.3f}" for s, (t, _) in by_seed.items())
+
+  # Variants: against the main grid's target and sync 2B at the same B, seed.
+  variant_rows, variant_summary = [], {}
+  base_rows = {}
+  for b, v in ratios.items():
+    for d in v["per_seed"]:
+      base_rows[(b, d["seed"])] = d
+  for b, s in sorted({(p.overrides["data.batch_size"], p.overrides["seed"])
+                      for p, _ in variants}):
+    d = base_rows.get((b, s))
+    if d is None:
+      continue
+    variant_rows.append([
+        f"codistill 2x{b} (as in the grid)", s, f"{d['target']:.3f}",
+        f"{d['cd']:.0f}", f"{d['sync_2B']:.0f}",
+        f"{d['cd'] / d['sync_2B']:.2f}", f"{d['final'][2]:.3f}",
+        f"{d['final'][1]:.3f}", _fmt_step(d["cd_to_2B_best"])])
+    for p, curve in sorted(variants, key=lambda x: variant(x[0])):
+      if (p.overrides["data.batch_size"], p.overrides["seed"]) != (b, s):
+        continue
+      steps = steps_to(curve, d["target"])
+      ratio = None if steps is None else steps / d["sync_2B"]
+      variant_summary[variant(p)] = ratio
+      variant_rows.append([
+          f"codistill 2x{b}, {variant(p)}", s, f"{d['target']:.3f}",
+          _fmt_step(steps), f"{d['sync_2B']:.0f}",
+          "n/a" if ratio is None else f"{ratio:.2f}",
+          f"{curve[max(curve)]:.3f}", f"{d['final'][1]:.3f}",
+          _fmt_step(steps_to(curve, d["target_2B_best"]))])
+  # How much a peer could teach (its ensemble's edge over one group) against
+  # what doubling the synchronous batch buys, both in final validation loss.
+  gain_rows = []
+  for b, v in sorted(ratios.items()):
+    for d in v["per_seed"]:
+      ens = ensembles.get((b, d["seed"]))
+      if ens is None:
+        continue
+      sync_b, sync_2b, cd = d["final"]
+      gain_rows.append([b, d["seed"], f"{cd:.3f}", f"{ens:.3f}",
+                        f"{cd - ens:.3f}", f"{sync_b - sync_2b:.3f}",
+                        f"{(cd - ens) / max(sync_b - sync_2b, 1e-9):.2f}"])
+  gain_table = _table(
+      ["B per group", "seed", "codistilled group (mean)",
+       "ensemble of the 2 groups", "ensemble's edge", "sync B - sync 2B",
+       "edge / what 2B buys"], gain_rows) if gain_rows else ""
+
+  variant_table = _table(
+      ["run", "seed", "target val loss", "steps to target",
+       "steps sync 2B", "ratio / sync 2B", "final val loss",
+       "final sync 2B", "steps to sync-2B's best"], variant_rows)
   return {"table": table, "curve_table": curve_table, "targets": targets,
-          "plots": plots, "summary": {str(b): v for b, v in ratios.items()}}
+          "plots": plots, "summary": {str(b): v for b, v in ratios.items()},
+          "variant_table": variant_table if variant_rows else "",
+          "gain_table": gain_table,
+          "variants": variant_summary}
+
+
+def _fmt_step(x) -> str:
+  return "never" if x is None else f"{x:.0f}"
 
 
 # ----------------------------------------------------------------------------
 # Claim 3: Fashion-MNIST, sync 2B vs codistilled 2 x B, weight decay.
 # ----------------------------------------------------------------------------
 def wd_study(points, out_dir: str) -> dict:
-  results = {}  # (method, wd) -> {seed: (accuracy, loss)}
+  budgets = sorted({int(_steps(p)) for p in points})
+  main = str(budgets[0]) if budgets else ""
+  longer = {}  # (method, wd, steps) -> {seed: (accuracy, loss)}: other budgets
+  results = {}  # (method, wd) -> {seed: (accuracy, loss)}: the main budget
   for p in points:
     if p.done:
       key = (method(p), p.overrides["optimizer.weight_decay"])
-      results.setdefault(key, {})[p.overrides["seed"]] = (
-          _groups_mean(p, "test/accuracy"), _groups_mean(p, "test/loss"))
+      value = (_groups_mean(p, "test/accuracy"), _groups_mean(p, "test/loss"))
+      if _steps(p) == main:
+        results.setdefault(key, {})[p.overrides["seed"]] = value
+      else:
+        longer.setdefault((*key, int(_steps(p))), {})[
+            p.overrides["seed"]] = value
   rows = []
-  for (m, wd), runs in sorted(results.items()):
-    rows.append([m, p_batch(points, m), wd, ",".join(map(str, sorted(runs))),
+  for (m, wd, *steps), runs in sorted(
+      [(k + (int(main),), v) for k, v in results.items()]
+      + list(longer.items())):
+    rows.append([m, p_batch(points, m), wd, steps[0],
+                 ",".join(map(str, sorted(runs))),
                  _fmt([v[0] for v in runs.values()]),
                  _fmt([v[1] for v in runs.values()])])
-  table = _table(["method", "batch", "weight decay", "seeds",
+  table = _table(["method", "batch", "weight decay", "steps", "seeds",
                   "test accuracy (mean of groups)", "test loss"], rows)
   decays = sorted({wd for _, wd in results})
   fig, ax = plt.subplots(figsize=(5, 3.2))
@@ -438,7 +527,8 @@ def wd_study(points, out_dir: str) -> dict:
   for i, m in enumerate(("sync", "codistill")):
     for j, wd in enumerate(decays):
       run = next((p for p in points if p.done and method(p) == m
-                  and p.overrides["optimizer.weight_decay"] == wd), None)
+                  and p.overrides["optimizer.weight_decay"] == wd
+                  and _steps(p) == main), None)
       if run:
         c = _curve(run.workdir, "group_0", "task_loss")
         ax.plot(list(c), list(c.values()), color=f"C{i}",
@@ -450,6 +540,8 @@ def wd_study(points, out_dir: str) -> dict:
   plots.append(_savefig(fig, out_dir, "wd_loss.png"))
   summary = {f"{m}/{wd}": {str(s): v for s, v in runs.items()}
              for (m, wd), runs in results.items()}
+  summary.update({f"{m}/{wd}/{n}_steps": {str(s): v for s, v in runs.items()}
+                  for (m, wd, n), runs in longer.items()})
   return {"table": table, "plots": plots, "summary": summary}
 
 
@@ -522,7 +614,43 @@ def sensitivity_study(points, out_dir: str) -> dict:
   plots = [_savefig(fig, out_dir, "sensitivity.png")]
   summary = {f"{k}={v}": {str(s): r for s, r in runs.items()}
              for (k, v), runs in results.items()}
-  return {"table": table, "plots": plots, "summary": summary}
+  steps = min((int(_steps(p)) for p in points), default=0)
+  return {"table": table, "plots": plots, "summary": summary,
+          "verdict": _sensitivity_verdict(results, steps)}
+
+
+def _sensitivity_verdict(results, total_steps: int) -> tuple[str, str]:
+  """(what we measured, held?) for the summary table.
+
+  Held when the test log-loss of every exchange interval that exchanges
+  within the run differs by at most 0.001 or 3 seed standard deviations.
+  """
+  def stats(key):
+    v = [r[0] for r in results.get(key, {}).values() if r[0] is not None]
+    return (np.mean(v), np.std(v, ddof=1) if len(v) > 1 else 0.0, len(v))
+  intervals = sorted(float(v) for k, v in results if k == "exchange_every")
+  within = [e for e in intervals if e < total_steps]
+  if len(within) < 2:
+    return "not yet measured", "-"
+  means = {e: stats(("exchange_every", e)) for e in within}
+  lo, hi = min(m for m, _, _ in means.values()), max(
+      m for m, _, _ in means.values())
+  sd = max(s for _, s, _ in means.values())
+  held = "yes" if hi - lo <= max(0.001, 3 * sd) else "no"
+  text = (f"exchange every {within[0]:g}-{within[-1]:g} steps: test "
+          f"log-loss {lo:.4f}-{hi:.4f} (range {hi - lo:.4f}, largest seed std "
+          f"{sd:.4f}, n={min(n for *_, n in means.values())}+)")
+  extra = []
+  for knob in ("alpha", "num_groups", "burn_in_steps"):
+    vals = sorted(float(v) for k, v in results if k == knob)
+    if vals:
+      extra.append(f"{knob} " + ", ".join(
+          f"{v:g}: {stats((knob, v))[0]:.4f}" for v in vals
+          if stats((knob, v))[2]))
+  base = stats(("baseline", 1))
+  if base[2]:
+    extra.append(f"1 group: {base[0]:.4f}")
+  return "; ".join([text] + extra), held
 
 
 # ----------------------------------------------------------------------------
@@ -628,7 +756,7 @@ def _notes(repo: str) -> dict[str, str]:
   return {parts[i]: parts[i + 1].strip() for i in range(1, len(parts) - 1, 2)}
 
 
-def _verdicts(churn, speed, wd) -> list[list[str]]:
+def _verdicts(churn, speed, wd, sens) -> list[list[str]]:
   rows = []
   texts, helds = [], []
   for b, s in churn["summary"].items():
@@ -636,7 +764,7 @@ def _verdicts(churn, speed, wd) -> list[list[str]]:
       continue
     ll_b = np.mean(s["sync"]["log_loss"])
     parts = []
-    for m in ("codistill", "codistill_shared", "ensemble"):
+    for m in METHODS[1:]:
       if s[m]["churn_pairs"]:
         ll = np.mean(s[m]["log_loss"])
         parts.append(f"{m} {s[m]['ratio']:.2f}x (log-loss {ll:.4f}, "
@@ -662,7 +790,8 @@ def _verdicts(churn, speed, wd) -> list[list[str]]:
   w = wd["summary"]
   accs = {k: [v[0] for v in runs.values() if v[0] is not None]
           for k, runs in w.items()}
-  accs = {k: v for k, v in accs.items() if v}
+  longer = {k: v for k, v in accs.items() if v and k.count("/") == 2}
+  accs = {k: v for k, v in accs.items() if v and k.count("/") == 1}
   sync = {k: v for k, v in accs.items() if k.startswith("sync/")}
   cd = {k: v for k, v in accs.items() if k.startswith("codistill/")}
   if sync and cd:
@@ -673,6 +802,11 @@ def _verdicts(churn, speed, wd) -> list[list[str]]:
     wd_held = "yes" if np.mean(cd[bc]) >= np.mean(sync[bs]) - spread else "no"
     wd_text = (f"best sync {bs.split('/')[1]}: {_fmt(sync[bs])}; best "
                f"codistilled {bc.split('/')[1]}: {_fmt(cd[bc])}")
+    if longer:
+      wd_text += "; longer: " + ", ".join(
+          f"{k.split('/')[0]} wd {k.split('/')[1]} "
+          f"{k.split('/')[2].replace('_', ' ')}: {_fmt(v)}"
+          for k, v in sorted(longer.items()))
   else:
     wd_text, wd_held = "not yet measured", "-"
   rows.append(["1. LM speed", "Anil et al., Common Crawl LSTM: ~2x fewer "
@@ -686,7 +820,9 @@ def _verdicts(churn, speed, wd) -> list[list[str]]:
                wd_held + " (within the largest seed spread)",
                "`python experiments/repro.py --studies=wd`"])
   rows.append(["4. Sensitivity", "Sodhani et al.: exchange 625-5000 fine; "
-               "Anil et al.: every 50 fine", "see the table in claim 4", "-",
+               "Anil et al.: every 50 fine", sens["verdict"][0],
+               sens["verdict"][1] + " (interval; log-loss within 0.001 or 3 "
+               "seed std)",
                "`python experiments/repro.py --studies=sensitivity`"])
   return rows
 
@@ -696,7 +832,7 @@ def write_report(by_study: dict, out: str, quick: bool, repo: str) -> str:
   plot_dir = os.path.join(out, "report")
   churn = churn_study(by_study["churn"], plot_dir)
   speed = speed_study(by_study["speed"], plot_dir)
-  wd = wd_study(by_study["wd"], plot_dir)
+  wd = wd_study(by_study["wd"] + by_study.get("wd_long", []), plot_dir)
   sens = sensitivity_study(by_study["sensitivity"], plot_dir)
   notes = {} if quick else _notes(repo)  # Notes describe the real runs.
   results_dir = os.path.join(repo, "experiments", "results")
@@ -720,7 +856,7 @@ def write_report(by_study: dict, out: str, quick: bool, repo: str) -> str:
       "## Summary",
       "",
       _table(["claim", "paper", "our measurement (spread, seeds)", "held?",
-              "command"], _verdicts(churn, speed, wd)),
+              "command"], _verdicts(churn, speed, wd, sens)),
       "",
       "## Scale",
       "",
@@ -740,6 +876,18 @@ def write_report(by_study: dict, out: str, quick: bool, repo: str) -> str:
       "",
       speed["curve_table"],
       "",
+      *(["What a peer could teach: the final validation loss of a "
+         "codistilled run's 2-group ensemble against its groups (the most "
+         "distilling towards the peer can pass on, roughly), and what "
+         "doubling the synchronous batch buys at the same B:", "",
+         speed["gain_table"], ""] if speed["gain_table"] else []),
+      *(["Why not: codistillation variants at one B (seed shown), against "
+         "the same target and sync 2B as in the first table. "
+         "`partition=shared`: each group trains on all the data in its own "
+         "order; `alpha=0.25`: a weaker pull towards the peer; "
+         "`exchange_every=10`: a teacher at most 10 steps stale (50 in the "
+         "grid).", "", speed["variant_table"], ""]
+        if speed["variant_table"] else []),
       images(speed),
       "",
       note("speed"),
