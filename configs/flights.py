@@ -99,13 +99,13 @@ def sweep(name=None, quick=False):
               for s in seeds for method in ({}, _ENSEMBLE, _CODISTILL)]
     if not quick:  # Codistilled groups on all rows: is half the data to blame?
       points += [{**regimes[1], **_CODISTILL, "data.partition": "shared",
-                  "seed": s} for s in range(3)]
+                  "seed": s} for s in range(5)]
       # A stronger pull (alpha 2; the sensitivity study's least in-run
       # disagreement at the baseline's log-loss), on halves and on all rows.
       points += [{**regimes[1], **_CODISTILL, "codistill.alpha": 2.0,
                   "seed": s} for s in range(5)]
       points += [{**regimes[1], **_CODISTILL, "codistill.alpha": 2.0,
-                  "data.partition": "shared", "seed": s} for s in range(3)]
+                  "data.partition": "shared", "seed": s} for s in range(5)]
     return points
   if name == "sensitivity":
     steps = {} if quick else {"total_steps": 1000, "eval_every": 1000}

@@ -84,9 +84,9 @@ def sweep(name=None, quick=False):
       'speed': Anil et al.'s speed claim, scaled (REPRO_SIZE, 1000 steps,
       validation every 50): sync at batch B in {8, 16, 32, 64} and 2-way
       codistillation at B per group for B in {8, 16, 32}, so each
-      codistilled point has its sync B and sync 2B; for the first seed also
-      sync 128 and codistillation at 64, and SPEED_VARIANTS of the
-      codistilled point at B = 16. Codistilled points need
+      codistilled point has its sync B and sync 2B; also sync 128 and
+      codistillation at 64, and for the first seed codistillation at 64 on
+      all the data and SPEED_VARIANTS of the codistilled point at B = 16. Codistilled points need
       2 devices: XLA_FLAGS=--xla_force_host_platform_device_count=2.
     quick: the points experiments/repro.py --quick runs on `:quick`.
   """
@@ -106,10 +106,13 @@ def sweep(name=None, quick=False):
     points += [{**common, "data.batch_size": b, "seed": s} for b in syncs]
     points += [{**common, **codistill, "data.batch_size": b, "seed": s}
                for b in codistills]
-    if s == seeds[0] and not quick:
-      # Closer to where 2B stops helping (first seed; ~4x the cost of B=32).
+    if not quick:
+      # Closer to where 2B stops helping (~4x the cost of B=32).
       points += [{**common, "data.batch_size": 128, "seed": s},
                  {**common, **codistill, "data.batch_size": 64, "seed": s}]
+    if s == seeds[0] and not quick:
+      points += [{**common, **codistill, "data.batch_size": 64,
+                  "data.partition": "shared", "seed": s}]
       # Why it does not hold: at B = 16, each group on all the data (is half
       # the data to blame?), a weaker pull, a fresher teacher.
       points += [{**common, **codistill, "data.batch_size": 16, **v, "seed": s}
