@@ -72,6 +72,7 @@ def sweep(name=None, quick=False):
       at batch 2B = 128 vs 2-way codistillation at B = 64 per group, each at
       weight decay 0, 1e-4 (this config's) and 0.1 (adamw's decay is
       multiplied by the learning rate, so 1e-4 barely acts in 600 steps).
+      Plus sync at batch B (3 seeds, decay 1e-4).
       'wd_long': the same at 2400 steps (first seed, decay 0 and 0.1).
       Codistilled points need 2 devices: XLA_FLAGS=
       --xla_force_host_platform_device_count=2.
@@ -98,5 +99,10 @@ def sweep(name=None, quick=False):
     return [{**long, **method, "optimizer.weight_decay": wd, "seed": 0}
             for method, wd in ((sync, 0.1), (codistill, 0.0),
                                (codistill, 0.1), (sync, 0.0))]
-  return [{**steps, **method, "optimizer.weight_decay": wd, "seed": s}
-          for s in seeds for wd in decays for method in (sync, codistill)]
+  points = [{**steps, **method, "optimizer.weight_decay": wd, "seed": s}
+            for s in seeds for wd in decays for method in (sync, codistill)]
+  if not quick:
+    # Sync at B (one group's batch): what is the peer worth to a group?
+    points += [{**steps, "data.batch_size": b, "optimizer.weight_decay": 1e-4,
+                "seed": s} for s in seeds]
+  return points

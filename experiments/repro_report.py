@@ -484,9 +484,14 @@ def wd_study(points, out_dir: str) -> dict:
   main = str(budgets[0]) if budgets else ""
   longer = {}  # (method, wd, steps) -> {seed: (accuracy, loss)}: other budgets
   results = {}  # (method, wd) -> {seed: (accuracy, loss)}: the main budget
+  sync_2b = max((p.overrides.get("data.batch_size", 0) for p in points
+                 if method(p) == "sync"), default=0)
   for p in points:
     if p.done:
-      key = (method(p), p.overrides["optimizer.weight_decay"])
+      m = method(p)
+      if m == "sync" and p.overrides.get("data.batch_size") != sync_2b:
+        m = f"sync_B{p.overrides.get('data.batch_size')}"  # Not the 2B.
+      key = (m, p.overrides["optimizer.weight_decay"])
       value = (_groups_mean(p, "test/accuracy"), _groups_mean(p, "test/loss"))
       if _steps(p) == main:
         results.setdefault(key, {})[p.overrides["seed"]] = value
@@ -497,7 +502,9 @@ def wd_study(points, out_dir: str) -> dict:
   for (m, wd, *steps), runs in sorted(
       [(k + (int(main),), v) for k, v in results.items()]
       + list(longer.items())):
-    rows.append([m, p_batch(points, m), wd, steps[0],
+    batch = (p_batch(points, m) if m == "codistill" else str(sync_2b)
+             if m == "sync" else m.split("_B")[-1])
+    rows.append([m, batch, wd, steps[0],
                  ",".join(map(str, sorted(runs))),
                  _fmt([v[0] for v in runs.values()]),
                  _fmt([v[1] for v in runs.values()])])
