@@ -8,7 +8,8 @@
   * One multi-host JAX job holding G sub-meshes: two processes of two
     devices each, every group on one device of each process; preempted by
     SIGTERM and resumed, it ends bitwise where the same run in one process
-    of four devices ends.
+    of four devices ends; and with the default background exchange it runs
+    without any job-wide collective meeting the groups' all-reduces.
   * A job whose groups would each live on a subset of its processes: a clear
     error (orbax-checkpoint cannot save such groups; see mesh.group_devices).
   * experiments/sweep_launch.py: the dry run of every config and launcher,
@@ -160,6 +161,29 @@ def test_one_multi_host_job_holds_both_groups_preempted_and_resumed(
                        restore_params(single, total, g))
   # The ensemble of the job's groups was evaluated, as in one process.
   assert os.path.exists(os.path.join(multi, "ensemble", "metrics.jsonl"))
+
+
+def test_one_multi_host_job_with_the_background_exchange(tmp_path):
+  # The default exchange: publishes and refreshes overlap the groups' train
+  # steps, so any job-wide collective would meet their all-reduces (gloo
+  # aborts with "collective mismatch"); only per-group ones may run.
+  workdir = str(tmp_path / "run")
+  port = 20000 + (os.getpid() * 11) % 20000
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "codistill_jax.main", QUICK,
+       f"--workdir={workdir}", "--config.total_steps=150",
+       "--config.log_every=5", "--config.codistill.exchange_every=5",
+       "--config.codistill.burn_in_steps=0", "--config.checkpoint_every=25",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={p}"], cwd=ROOT, env=env_for(devices=2),
+      stdout=open(tmp_path / f"p{p}.log", "w"), stderr=subprocess.STDOUT)
+      for p in (0, 1)]
+  codes = [p.wait(timeout=400) for p in procs]
+  assert codes == [0, 0], (tmp_path / "p0.log").read_text()[-3000:]
+  for g in (0, 1):
+    assert len(set(peer_steps(workdir, g, 1 - g))) > 3  # Fresh teachers.
+    assert "150" in os.listdir(os.path.join(workdir, f"group_{g}",
+                                            "checkpoints"))
 
 
 def test_groups_split_over_the_processes_of_one_job_is_a_clear_error(
