@@ -3,11 +3,10 @@
 G groups train at once. This job drives the groups whose devices it owns: all
 of them in a plain single-process run or a multi-host job (every group then
 spans all processes: `mesh.group_devices`), or the ones named by `groups` when
-each group (or a few) runs as its own job. Per group: its
-disjoint data shard, its state created sharded on its own sub-mesh, its own
-checkpoints and logs under
-`workdir/group_<g>/`. Dispatch is asynchronous, so groups on disjoint devices
-run concurrently.
+each group (or a few) runs as its own job. Per group: its disjoint data shard,
+its state created sharded on its own sub-mesh, its own checkpoints and logs
+under `workdir/group_<g>/`. Dispatch is asynchronous, so groups on disjoint
+devices run concurrently.
 
 Groups meet only through files: every `codistill.exchange_every` steps a group
 publishes its params (`exchange.Publisher`) and starts reloading its peers'
