@@ -58,21 +58,21 @@ def storage_error(what: str, path: str,
       "committed checkpoint")
 
 
-def multiprocessing_options(name: str):
-  """Orbax options for one of several managers of a multi-process job.
+def multiprocessing_options(name: str) -> ocp.options.MultiprocessingOptions:
+  """Orbax options for one of several managers of a (multi-process) job.
 
   Every group has its own managers, so their cross-process barriers get keys
   of their own (`name`, the same on every process), or one manager's
-  barrier would be met by another's arrivals. Naming the processes (all of
-  them) makes Orbax use the coordination service's barriers rather than a
-  device all-reduce: one issued from Orbax's commit thread could otherwise
-  meet a train step's all-reduce in the CPU collectives (gloo) and abort
-  both. None in a single-process job.
+  barrier would be met by another's arrivals. In a multi-process job,
+  naming the processes (all of them) makes Orbax use the coordination
+  service's barriers rather than a device all-reduce: one issued from
+  Orbax's commit thread could otherwise meet a train step's all-reduce in
+  the CPU collectives (gloo) and abort both.
   """
-  if jax.process_count() == 1:
-    return None
+  processes = (set(range(jax.process_count())) if jax.process_count() > 1
+               else None)
   return ocp.options.MultiprocessingOptions(
-      primary_host=0, active_processes=set(range(jax.process_count())),
+      primary_host=0, active_processes=processes,
       barrier_sync_key_prefix=name)
 
 
@@ -85,13 +85,11 @@ def manager(directory: str, name: str, **options) -> ocp.CheckpointManager:
     **options: further `CheckpointManagerOptions`.
   """
   multiprocessing = multiprocessing_options(name)
-  if multiprocessing is None:
-    return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-        create=True, **options))
-  # Orbax leaves creating the directory to us once processes are named.
-  epath.Path(directory).mkdir(parents=True, exist_ok=True)
+  named = multiprocessing.active_processes is not None
+  if named:  # Orbax leaves creating the directory to us then.
+    epath.Path(directory).mkdir(parents=True, exist_ok=True)
   return ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
-      create=False, multiprocessing_options=multiprocessing, **options))
+      create=not named, multiprocessing_options=multiprocessing, **options))
 
 
 class Checkpointer:
@@ -218,9 +216,9 @@ def restore_params(path: str, abstract_params: Any) -> Any:
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                      dtype=x.dtype), abstract_params)
-  options = multiprocessing_options("init_params")
-  with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(), **(
-      {"multiprocessing_options": options} if options else {})) as ckptr:
+  with ocp.Checkpointer(
+      ocp.PyTreeCheckpointHandler(),
+      multiprocessing_options=multiprocessing_options("init_params")) as ckptr:
     restored = ckptr.restore(
         os.path.join(step_dir, "default"),
         args=ocp.args.PyTreeRestore(

@@ -245,9 +245,8 @@ class PeerReader:
                    ckpt_lib.mismatch(item, self._abstract_item))
         if problem:
           raise ValueError(f"another architecture: {problem}")
-        with ocp.StandardCheckpointer(**(
-            {"multiprocessing_options": self._restore_options}
-            if self._restore_options else {})) as ckptr:
+        with ocp.StandardCheckpointer(
+            multiprocessing_options=self._restore_options) as ckptr:
           restored = ckptr.restore(item, self._abstract_item)
         params = restored["params"]
         saved, now = (np.asarray(restored["fingerprint"]),
