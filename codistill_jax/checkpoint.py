@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
+from codistill_jax import paths
 from codistill_jax.errors import ConfigError
 from codistill_jax.errors import StorageError
 
@@ -92,8 +93,53 @@ def manager(directory: str, name: str, **options) -> ocp.CheckpointManager:
       create=not named, multiprocessing_options=multiprocessing, **options))
 
 
+def committed_steps(directory: str) -> list[int]:
+  """Committed steps under an Orbax manager's directory ([] if none yet).
+
+  Orbax writes a step into a temporary directory and renames it when the
+  save commits, and lists committed steps only, so a reader never sees a
+  partial save. Reads only: no manager, nothing created.
+  """
+  try:
+    return sorted(ocp.step.checkpoint_steps(directory))
+  except (FileNotFoundError, OSError):
+    return []
+
+
+def restore_state(directory: str, step: int, abstract_state: Any,
+                  name: str = "restore") -> Any:
+  """Restores a committed TrainState step onto `abstract_state`'s shardings.
+
+  Reads only. A checkpoint of another model or optimizer, or one damaged
+  after it committed, is a ConfigError naming the step and the fix.
+
+  Args:
+    directory: the manager directory (e.g. paths.checkpoints_dir).
+    step: a committed step under it.
+    abstract_state: ShapeDtypeStructs carrying the target shardings.
+    name: tells this restore's Orbax barriers from other managers'.
+  """
+  item = os.path.join(os.path.abspath(directory), str(step), "default")
+  try:
+    problem = mismatch(item, abstract_state)
+  except OSError as e:  # Committed, then damaged (a torn copy, bit rot).
+    older = [s for s in committed_steps(directory) if s < step]
+    raise ConfigError(
+        f"checkpoint {directory}/{step} is partial or corrupt ({e}); "
+        "move that step directory away to resume from "
+        f"{f'step {max(older)}' if older else 'scratch'}, or use a fresh "
+        "--workdir") from None
+  if problem:
+    raise ConfigError(
+        f"checkpoint {directory}/{step} does not match this config's "
+        f"model/optimizer ({problem}); use a fresh --workdir")
+  with ocp.StandardCheckpointer(
+      multiprocessing_options=multiprocessing_options(name)) as ckptr:
+    return ckptr.restore(item, abstract_state)
+
+
 class Checkpointer:
-  """An Orbax CheckpointManager for one group's own TrainState."""
+  """An Orbax CheckpointManager for one group's own TrainState (writes)."""
 
   def __init__(self, directory: str, max_to_keep: int = 3,
                name: str = "state"):
@@ -105,9 +151,6 @@ class Checkpointer:
         os.path.abspath(directory), name, max_to_keep=max_to_keep,
         enable_async_checkpointing=True, cleanup_tmp_directories=True)
 
-  def latest_step(self) -> int | None:
-    return self._mgr.latest_step()
-
   def save(self, step: int, state: Any) -> None:
     """Starts an async save; returns once the arrays are copied off-device.
 
@@ -117,25 +160,6 @@ class Checkpointer:
       self._mgr.save(step, args=ocp.args.StandardSave(state), force=True)
     except (OSError, ValueError) as e:
       raise storage_error("a checkpoint", self.directory, e) or e
-
-  def restore(self, step: int, abstract_state: Any) -> Any:
-    """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs)."""
-    try:
-      problem = mismatch(os.path.join(self._mgr.directory, str(step),
-                                      "default"), abstract_state)
-    except OSError as e:  # Committed, then damaged (a torn copy, bit rot).
-      older = [s for s in self._mgr.all_steps() if s < step]
-      raise ConfigError(
-          f"checkpoint {self.directory}/{step} is partial or corrupt ({e}); "
-          "move that step directory away to resume from "
-          f"{f'step {max(older)}' if older else 'scratch'}, or use a fresh "
-          "--workdir") from None
-    if problem:
-      raise ConfigError(
-          f"checkpoint {self.directory}/{step} does not match this config's "
-          f"model/optimizer ({problem}); use a fresh --workdir")
-    return self._mgr.restore(step,
-                             args=ocp.args.StandardRestore(abstract_state))
 
   def wait(self) -> None:
     try:
@@ -183,10 +207,13 @@ def mismatch(item_dir: str, abstract_tree: Any, prefix: str = "") -> str | None:
   return None
 
 
-def find_step_dir(path: str) -> str:
-  """A run dir, a checkpoints dir or a step dir -> the newest committed step."""
+def find_step_dir(path: str, field: str = "config.init_checkpoint") -> str:
+  """A run dir, a checkpoints dir or a step dir -> the newest committed step.
+
+  `field` names the config field that gave `path`, in errors.
+  """
   path = os.path.abspath(path)
-  for candidate in (path, os.path.join(path, "group_0", "checkpoints"),
+  for candidate in (path, paths.checkpoints_dir(path, 0),
                     os.path.join(path, "checkpoints")):
     if os.path.isdir(candidate) and os.path.exists(
         os.path.join(candidate, "default")):
@@ -196,23 +223,26 @@ def find_step_dir(path: str) -> str:
                os.path.exists(os.path.join(candidate, d, "default"))]
       if steps:
         return os.path.join(candidate, str(max(steps)))
-  raise ConfigError(f"config.init_checkpoint={path!r}: no committed checkpoint "
-                    "found there; point it at a run's workdir or a step dir")
+  raise ConfigError(f"{field}={path!r}: no committed checkpoint found there; "
+                    "point it at a run's workdir or a step dir")
 
 
-def restore_params(path: str, abstract_params: Any) -> Any:
+def restore_params(path: str, abstract_params: Any,
+                   field: str = "config.init_checkpoint") -> Any:
   """Restores only the params of a TrainState checkpoint at `path`.
 
-  `abstract_params` carries the target shardings; a checkpoint of another
-  architecture gives a ConfigError naming the path.
+  Args:
+    path: a run dir, checkpoints dir or step dir (see `find_step_dir`).
+    abstract_params: ShapeDtypeStructs carrying the target shardings.
+    field: the config field that gave `path`, named in errors (a
+      checkpoint of another architecture is a ConfigError).
   """
-  step_dir = find_step_dir(path)
+  step_dir = find_step_dir(path, field)
   problem = mismatch(os.path.join(step_dir, "default"), abstract_params,
                      prefix="params")
   if problem:
-    raise ConfigError(f"config.init_checkpoint={path!r} holds another "
-                      f"architecture ({problem}); use a checkpoint of the "
-                      "same model")
+    raise ConfigError(f"{field}={path!r} holds another architecture "
+                      f"({problem}); use a checkpoint of this model")
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                      dtype=x.dtype), abstract_params)
@@ -234,6 +264,14 @@ def _comparable(config: ml_collections.ConfigDict) -> dict:
   return d
 
 
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """config.init_checkpoint, when set, exists (gs:// is checked on use)."""
+  path = config.init_checkpoint
+  if path and "://" not in path and not os.path.exists(path):
+    raise ConfigError(f"config.init_checkpoint={path}: no such directory; "
+                      "point it at a run's workdir or a step dir, or set ''")
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError if `workdir` holds a run of another config, or
   StorageError if it cannot be created or written (checked without writing).
@@ -251,7 +289,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
       raise StorageError(
           f"--workdir={workdir} cannot be written ({reason}); point "
           "--workdir at a directory this job can create and write")
-  path = os.path.join(workdir, "config.json")
+  path = paths.config_file(workdir)
   if not os.path.exists(path):
     return
   with open(path) as f:
@@ -281,7 +319,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   The groups of a run may be separate jobs starting together: each writes its
   own temporary file, so that one's rename never takes another's.
   """
-  path = os.path.join(workdir, "config.json")
+  path = paths.config_file(workdir)
   tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
   try:
     os.makedirs(workdir, exist_ok=True)

@@ -16,17 +16,17 @@ architecture.
 import json
 import os
 
-from absl import app
 from absl import flags
 import jax
 import ml_collections
 
+from codistill_jax import build
 from codistill_jax import checkpoint as ckpt_lib
+from codistill_jax import cli
 from codistill_jax import data as data_lib
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics as metrics_lib
-from codistill_jax import step as step_lib
-from codistill_jax import train
+from codistill_jax import paths
 from codistill_jax.errors import ConfigError
 
 _RUN_A = flags.DEFINE_string("run_a", None, "Workdir of the first run.")
@@ -38,12 +38,16 @@ _OUT = flags.DEFINE_string("out", None, "Optional JSON file for the result.")
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
+  path = paths.config_file(workdir)
   if not os.path.exists(path):
     raise ConfigError(f"{path} not found: --run_a/--run_b must be workdirs of "
                       "codistill_jax runs")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+  try:
+    with open(path) as f:
+      return ml_collections.ConfigDict(json.load(f))
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{path} is unreadable or not JSON ({e}); is the run "
+                      "dir damaged?") from None
 
 
 def compare(config: ml_collections.ConfigDict, params: list, split: str,
@@ -54,12 +58,10 @@ def compare(config: ml_collections.ConfigDict, params: list, split: str,
       config, group=0, num_groups=1, process_index=0, process_count=1)
   if split not in datasets.evals:
     raise ConfigError(f"--split={split} is not one of {sorted(datasets.evals)}")
-  setup = train.build(config, datasets, mesh)
+  setup = build.build(config, datasets, mesh)
   sharding = mesh_lib.batch_sharding(mesh)
-  predict = jax.jit(step_lib.make_eval_step(
-      setup.model.apply, metrics_lib.predictions_fn(config.loss)))
-  evaluate = jax.jit(step_lib.make_eval_step(
-      setup.model.apply, metrics_lib.eval_metrics_fn(config.loss)))
+  predict = build.jit_eval_step(config, setup, predictions=True)
+  evaluate = build.jit_eval_step(config, setup)
   comparison = metrics_lib.ComparisonAccumulator(config.loss)
   singles = [metrics_lib.EvalAccumulator(config.loss) for _ in params]
   for batch in datasets.evals[split]():
@@ -78,26 +80,23 @@ def restore_group_params(config, workdir: str, group: int, mesh=None):
   mesh = mesh or mesh_lib.make_mesh(jax.devices()[:1])
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)
-  setup = train.build(config, datasets, mesh)
-  return ckpt_lib.restore_params(
-      os.path.join(workdir, f"group_{group}", "checkpoints"),
-      setup.abstract.params)
+  setup = build.build(config, datasets, mesh)
+  return ckpt_lib.restore_params(paths.checkpoints_dir(workdir, group),
+                                 setup.abstract.params,
+                                 field=f"--run (group {group})")
 
 
 def main(argv):
   del argv
-  try:
-    config = load_run_config(_RUN_A.value)
-    other = load_run_config(_RUN_B.value)
-    if config.model.to_dict() != other.model.to_dict() or (
-        config.model_name != other.model_name):
-      raise ConfigError("--run_a and --run_b hold different architectures; "
-                        "churn compares retrains of one model")
-    params = [restore_group_params(config, _RUN_A.value, _GROUP_A.value),
-              restore_group_params(config, _RUN_B.value, _GROUP_B.value)]
-    result = compare(config, params, _SPLIT.value)
-  except ConfigError as e:
-    raise app.UsageError(str(e)) from None
+  config = load_run_config(_RUN_A.value)
+  other = load_run_config(_RUN_B.value)
+  if config.model.to_dict() != other.model.to_dict() or (
+      config.model_name != other.model_name):
+    raise ConfigError("--run_a and --run_b hold different architectures; "
+                      "churn compares retrains of one model")
+  params = [restore_group_params(config, _RUN_A.value, _GROUP_A.value),
+            restore_group_params(config, _RUN_B.value, _GROUP_B.value)]
+  result = compare(config, params, _SPLIT.value)
   for k, v in sorted(result.items()):
     print(f"{k:45s} {v:.6f}")
   if _OUT.value:
@@ -106,5 +105,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["run_a", "run_b"])
-  app.run(main)
+  cli.run(main, required=("run_a", "run_b"))

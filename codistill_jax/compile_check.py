@@ -9,12 +9,12 @@ flops. A pod run that will not fit fails here, in seconds, on a CPU.
   python -m codistill_jax.compile_check --config=configs/kernel_lm.py \
       --num_devices=64 --max_memory_per_device=16GiB [--config.a.b=value]
 
-The state is built exactly as the trainer builds it (`train.build`:
-`jax.eval_shape` + the config's sharding rules) and the step is the
-trainer's own jitted function (`train.jit_train_step`), lowered with
-`ShapeDtypeStruct`s instead of arrays. The data module is asked for one batch
-(shapes only matter) and the dataset's sizes (vocabulary, classes), so the
-data must be readable where the check runs.
+The state is built exactly as the trainer builds it (`build.build`:
+`jax.eval_shape` + the config's sharding rules) and the step is the trainer's
+own jitted function (`build.jit_train_step`, with the teacher source's
+`layout`), lowered with `ShapeDtypeStruct`s instead of arrays. The data module
+is asked for one batch (shapes only matter) and the dataset's sizes
+(vocabulary, classes), so the data must be readable where the check runs.
 
 Targets: `--num_devices=N` compiles for N devices of the platform JAX sees
 (on a CPU host N fake CPU devices; XLA's CPU memory figures are a proxy
@@ -29,29 +29,21 @@ Exit codes: 0 fits (or no budget given), 2 bad input (one `error:` line),
 import dataclasses
 import json
 import re
-import sys
 import time
-from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 from jax.experimental import topologies
-import jax.numpy as jnp
-from ml_collections import config_flags
 
+from codistill_jax import build
+from codistill_jax import cli
 from codistill_jax import config_lib
 from codistill_jax import data as data_lib
-from codistill_jax import exchange
 from codistill_jax import mesh as mesh_lib
-from codistill_jax import models as models_lib
-from codistill_jax import step as step_lib
-from codistill_jax import train
+from codistill_jax import teachers
 from codistill_jax.errors import ConfigError
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, optionally with ':arg'.",
-    lock_config=True)
+_CONFIG = cli.define_config_flag()
 _NUM_DEVICES = flags.DEFINE_integer(
     "num_devices", None, "Devices of the target job (all groups together); "
     "default: the devices JAX sees. On CPU these are fake devices.")
@@ -114,61 +106,6 @@ class Report:
     ]
 
 
-def _abstract(tree, shardings):
-  return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-      shardings)
-
-
-def _teachers(config, setup, datasets, mesh):
-  """(apply_fn, abstract stacked Teachers, their sharding), or Nones."""
-  cd = config.codistill
-  float_dtype = jnp.dtype(cd.teacher_dtype)
-  cast = lambda a: (float_dtype if jnp.issubdtype(a.dtype, jnp.floating)
-                    else a.dtype)
-  if cd.teacher_source == "peers" and cd.num_groups > 1:
-    apply_fn, params, n = setup.model.apply, setup.abstract.params, (
-        cd.num_groups - 1)
-  elif cd.teacher_source == "checkpoint":
-    # The checkpoint is not read: its architecture's shapes are what count.
-    name = cd.teacher_model_name or config.model_name
-    kwargs = (cd.teacher_model.to_dict() if cd.teacher_model_name
-              else config.model.to_dict())
-    teacher = models_lib.build(name, kwargs, datasets.info)
-    # pylint: disable-next=protected-access
-    example = train._example_inputs(next(iter(datasets.train(0))))
-    params = jax.eval_shape(
-        lambda: teacher.init(jax.random.PRNGKey(0), example, train=False))
-    repl = mesh_lib.replicated(mesh)
-    params = _abstract(params, jax.tree.map(lambda _: repl, params))
-    apply_fn, n = teacher.apply, 1
-  else:
-    return None, None, None
-  sharding = exchange.teachers_sharding(
-      jax.tree.map(lambda a: a.sharding, params))
-  stacked = step_lib.Teachers(
-      params=jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape),
-                                                         cast(a)), params),
-      weights=jax.ShapeDtypeStruct((n,), jnp.float32))
-  return apply_fn, _abstract(stacked, sharding), sharding
-
-
-def _service_targets(config, setup, batch, sharding):
-  """Abstract `batch['teacher']` of the teacher service: probs or top-k."""
-  logits = jax.eval_shape(
-      lambda p, x: setup.model.apply(p, x, train=False),
-      setup.abstract.params, batch["inputs"])
-  k = config.codistill.topk
-  if not k:
-    shapes = {"probs": (logits.shape, jnp.float32)}
-  else:
-    shape = (*logits.shape[:-1], k)
-    shapes = {"topk_ids": (shape, jnp.int32),
-              "topk_probs": (shape, jnp.float32)}
-  return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-          for name, (shape, dtype) in shapes.items()}
-
-
 def check(config, devices=None) -> Report:
   """Compiles one group's train step for `devices` (all groups'); no compute.
 
@@ -184,22 +121,19 @@ def check(config, devices=None) -> Report:
   mesh = mesh_lib.make_mesh(group_devices)
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=groups, process_index=0, process_count=1)
-  setup = train.build(config, datasets, mesh)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
-  batch = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
-      next(iter(datasets.train(0))))
-  apply_fn, teachers, teacher_sharding = _teachers(config, setup, datasets,
-                                                   mesh)
-  service = config.codistill.teacher_source == "service"
-  if service:  # The targets arrive in the batch, as the workers send them.
-    batch = {**batch, "teacher": _service_targets(config, setup, batch,
-                                                  batch_sharding)}
-  step_fn = train.jit_train_step(config, setup, mesh, apply_fn,
-                                 teacher_sharding, precomputed=service)
-  args = (setup.abstract, batch) + ((teachers,) if teachers else ())
+  setup = build.build(config, datasets, mesh)
+  example = next(iter(datasets.train(0)))
+  # The teacher source says what the step takes: stacked teachers (peers,
+  # checkpoint) or targets in the batch (service, stored). Nothing is read.
+  layout = teachers.source_class(config).layout(config, setup, example)
+  batch = {**build.with_shardings(example, mesh_lib.batch_sharding(mesh)),
+           **layout.batch}
+  term = build.distill_term(config, setup, layout.teacher,
+                            precomputed=layout.distills and
+                            layout.teacher is None)
+  step_fn = build.jit_train_step(config, setup, term, layout.arg_shardings)
   t = time.perf_counter()
-  compiled = step_fn.lower(*args).compile()
+  compiled = step_fn.lower(setup.abstract, batch, *layout.args).compile()
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()
@@ -207,18 +141,13 @@ def check(config, devices=None) -> Report:
     cost = cost[0] if cost else {}
   return Report(
       groups=groups, devices_per_group=len(group_devices),
-      teachers=0 if teachers is None else int(teachers.weights.shape[0]),
+      teachers=sum(int(a.weights.shape[0]) for a in layout.args),
       params=sum(x.size for x in jax.tree.leaves(setup.abstract.params)),
       argument_bytes=mem.argument_size_in_bytes,
       output_bytes=mem.output_size_in_bytes,
       alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
       code_bytes=mem.generated_code_size_in_bytes,
       flops=float((cost or {}).get("flops", 0.0)), compile_s=compile_s)
-
-
-def _fail(message: str, code: int = 2) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(code)
 
 
 def _target_devices():
@@ -247,27 +176,25 @@ def _target_devices():
 
 
 def main(argv):
-  if len(argv) > 1:
-    _fail(f"unexpected arguments {argv[1:]}")
-  if _CONFIG.value is None:
-    _fail("--config is required, e.g. --config=configs/kernel_lm.py:quick")
-  try:
-    budget = (parse_bytes(_BUDGET.value) if _BUDGET.value is not None
-              else None)
-    report = check(_CONFIG.value, _target_devices())
-  except ConfigError as e:
-    _fail(str(e))
+  del argv
+  if _NUM_DEVICES.value is not None and _NUM_DEVICES.value < 1:
+    raise ConfigError(f"--num_devices={_NUM_DEVICES.value} must be a positive "
+                      "device count")
+  budget = (parse_bytes(_BUDGET.value) if _BUDGET.value is not None
+            else None)
+  report = check(_CONFIG.value, _target_devices())
   print("\n".join(report.lines()))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
       json.dump({**dataclasses.asdict(report),
                  "total_bytes": report.total_bytes}, f, indent=2)
   if budget is not None and report.total_bytes > budget:
-    _fail(f"the train step needs {_gib(report.total_bytes)} per device, over "
-          f"--max_memory_per_device={_BUDGET.value}; use more devices per "
-          "group, 'fsdp' sharding rules, codistill.teacher_dtype='bfloat16' "
-          "or a smaller data.batch_size", code=3)
+    cli.fail(f"the train step needs {_gib(report.total_bytes)} per device, "
+             f"over --max_memory_per_device={_BUDGET.value}; use more "
+             "devices per group, 'fsdp' sharding rules, "
+             "codistill.teacher_dtype='bfloat16' or a smaller "
+             "data.batch_size", code=3)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, required=("config",))

@@ -1,24 +1,28 @@
-"""The common config skeleton and its validation.
+"""The config skeleton, the one config loader, and validation (no jax here).
 
-Workload configs in `configs/` start from `base_config()` and fill in the model
-and data. `validate(config)` runs before anything is compiled or written and
-raises `ConfigError` with a one-line message that names the field and the fix.
+Config files in `configs/` start from `base_config()` and fill in the model and
+data; `load('configs/x.py:arg', overrides)` is how every command, test and
+experiment turns a file into a locked `ConfigDict`. Neither imports jax, so
+`--help` and a flag error answer at once.
+
+`validate(config)` runs before anything is compiled or written and raises
+`ConfigError` with a one-line message naming the field and the fix. It checks
+what this module owns (the skeleton's keys, types and numeric ranges, declared
+once in `RANGES` next to the fields) and then asks each owner of a field to
+check its own (`check_config` in losses, optim, sampling, mesh, checkpoint,
+teachers, the model and the data module), importing them only then.
 """
 
-import dataclasses
+from __future__ import annotations
+
 import importlib.util
 import math
 import os
+import re
+from typing import Any, Iterable, Mapping
 
-import jax
 import ml_collections
 
-from codistill_jax import data as data_lib
-from codistill_jax import losses
-from codistill_jax import mesh as mesh_lib
-from codistill_jax import models as models_lib
-from codistill_jax import optim
-from codistill_jax import sampling
 from codistill_jax.errors import ConfigError
 
 
@@ -26,12 +30,14 @@ def base_config() -> ml_collections.ConfigDict:
   """Fields every experiment has, with defaults; workload configs extend it."""
   c = ml_collections.ConfigDict()
   c.seed = 0  # Init and data-order seed of the run (retrains differ in it).
-  c.model_name = ""  # Module in codistill_jax/models/.
+  # Module in codistill_jax/models/, or a dotted module path of your own.
+  c.model_name = ""
   c.model = ml_collections.ConfigDict()  # kwargs of that module's Model.
   c.loss = "softmax_xent"  # Task loss: one of losses.TASK_LOSSES.
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = ""  # Module in codistill_jax/data/.
+  # Module in codistill_jax/data/, or a dotted module path of your own.
+  c.data.name = ""
   c.data.batch_size = 128  # Global batch of one group (all its devices).
   c.data.eval_batch_size = 256  # Global eval batch; the last one is padded.
   c.data.split_seed = 0  # Fixed seed of the train/validation/test split.
@@ -52,7 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.total_steps = 1000  # Updates per group.
   c.log_every = 50  # Train metrics to TensorBoard/JSONL and a progress line.
-  c.eval_every = 500  # Validation eval; test is evaluated at the end.
+  c.eval_every = 500  # Validation eval; every eval split at the end.
   c.checkpoint_every = 500  # Own checkpoint (also saved at the end/SIGTERM).
   c.keep_checkpoints = 3  # Orbax max_to_keep; >= 3 so readers never race.
   c.init_checkpoint = ""  # Run dir or checkpoint dir to start params from.
@@ -65,10 +71,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Codistillation (Anil et al. 2018): G copies exchange stale params.
   c.codistill = ml_collections.ConfigDict()
   c.codistill.num_groups = 1  # G; 1 (or alpha 0) is the sync baseline.
-  # 'peers': distil towards the other groups (codistillation); 'checkpoint':
-  # classic two-phase distillation from a trained teacher of any architecture;
-  # 'service': the same teacher served by a pool of Ray workers (EDL-Dist,
-  # `pip install -e .[service]`; settings in codistill.service below).
+  # Where the teachers come from (teachers.SOURCES): 'peers', the other
+  # groups (codistillation); 'checkpoint', classic two-phase distillation
+  # from a trained teacher of any architecture; 'service', the same teacher
+  # served by a pool of Ray workers (EDL-Dist, `pip install -e .[service]`);
+  # 'stored', its targets written once by `codistill_jax.store_targets`.
   c.codistill.teacher_source = "peers"
   c.codistill.exchange_every = 50  # Steps between publish + reload of peers.
   c.codistill.exchange_dir = ""  # '' = the workdir; NFS or gs:// paths work.
@@ -81,12 +88,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.codistill.temperature = 1.0  # T; 'kl'/'xent' are scaled by T^2.
   c.codistill.divergence = "kl"  # 'kl' | 'xent' (soft) | 'mse' (on logits).
   c.codistill.teacher_dtype = "float32"  # 'bfloat16' halves teacher memory.
-  c.codistill.teacher_checkpoint = ""  # 'checkpoint': a run or step dir.
+  # 'checkpoint'/'service': a run dir, checkpoints dir or step dir.
+  c.codistill.teacher_checkpoint = ""
   c.codistill.teacher_model_name = ""  # 'checkpoint': '' = model_name.
   c.codistill.teacher_model = ml_collections.ConfigDict()  # Its kwargs.
+  # 'stored': the directory `python -m codistill_jax.store_targets` wrote.
+  c.codistill.stored_targets = ""
   # > 0: distil towards the teacher's top-k probabilities plus one tail
-  # bucket with the rest of the mass (what a sparse target store or the
-  # teacher service sends); 0: the full distribution.
+  # bucket with the rest of the mass (what the target store or the teacher
+  # service sends); 0: the full distribution.
   c.codistill.topk = 0
   # 'tail' keeps the rest of the mass as a bucket; 'renormalize' rescales the
   # k probabilities to 1 and drops the tail: biased, for comparison only.
@@ -132,157 +142,162 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _check_positive(config, *names):
-  for name in names:
-    value = config
-    for part in name.split("."):
-      value = value[part]
-    if not isinstance(value, int) or value <= 0:
-      raise ConfigError(f"config.{name}={value!r} must be a positive integer")
+# The range of every numeric field of `base_config()`, declared once: a
+# comparison ('> 0', '>= 3') or an interval ('[0, 1)'). Tuple fields apply it
+# to each entry. Model and data modules declare theirs as `RANGES` next to
+# their own fields; `validate` reads all of them, and a test fails for a
+# numeric field nobody gave a range.
+RANGES = {
+    "seed": "[0, 2**63)",
+    "data.batch_size": "> 0",
+    "data.eval_batch_size": "> 0",
+    "data.split_seed": "[0, 2**63)",
+    "optimizer.learning_rate": "> 0",
+    "optimizer.warmup_steps": ">= 0",
+    "optimizer.weight_decay": ">= 0",
+    "optimizer.momentum": "[0, 1)",
+    "optimizer.b1": "[0, 1)",
+    "optimizer.b2": "[0, 1)",
+    "optimizer.grad_clip_norm": ">= 0",
+    "optimizer.milestones": "(0, 1)",
+    "optimizer.decay_factor": "(0, 1]",
+    "total_steps": "> 0",
+    "log_every": "> 0",
+    "eval_every": "> 0",
+    "checkpoint_every": "> 0",
+    "keep_checkpoints": ">= 3",
+    "sharding.fsdp_min_size": ">= 0",
+    "codistill.num_groups": "> 0",
+    "codistill.exchange_every": "> 0",
+    "codistill.burn_in_steps": ">= 0",
+    "codistill.alpha": ">= 0",
+    "codistill.alpha_ramp_steps": ">= 0",
+    # T = 100 already flattens any target to uniform within 1% of its logit
+    # range; beyond that a value is a typo (a missing decimal point).
+    "codistill.temperature": "(0, 100]",
+    "codistill.topk": ">= 0",
+    "codistill.sampled.num_samples": ">= 0",
+    "codistill.sampled.prior_mix": "[0, 1]",
+    "codistill.sampled.uniform_mix": "(0, 1]",
+    "codistill.sampled.proposal_positions": "> 0",
+    "codistill.service.num_workers": ">= 0",
+    "codistill.service.worker_cpus": ">= 0",
+    "codistill.service.worker_gpus": ">= 0",
+    "codistill.service.in_flight": "> 0",
+    "codistill.service.request_timeout_s": "> 0",
+    "codistill.service.retries": ">= 0",
+    "codistill.service.wait_timeout_s": "> 0",
+}
+
+# Sub-dicts whose keys belong to a plug-in (a model's fields, a data module's
+# fields), not to the skeleton.
+_OPEN = ("model", "data", "teacher_model")
 
 
-def _check_keys(config, reference, prefix="config"):
-  """Same keys as the base config, recursively (catches typos in files)."""
-  missing = sorted(set(reference) - set(config))
-  extra = sorted(set(config) - set(reference))
-  if missing:
-    raise ConfigError(f"{prefix} is missing field(s) {missing}; start the "
-                      "config from config_lib.base_config()")
-  if extra:
-    raise ConfigError(f"{prefix} has unknown field(s) {extra}; known: "
-                      f"{sorted(reference)}")
-  for k, v in reference.items():
-    if isinstance(v, ml_collections.ConfigDict) and k not in (
-        "model", "data", "teacher_model"):
-      _check_keys(config[k], v, f"{prefix}.{k}")
+# ----------------------------------------------------------------------------
+# Ranges.
+# ----------------------------------------------------------------------------
+_COMPARISON = re.compile(r"\s*(>=|>|<=|<)\s*([-+*.\w]+)\s*")
+_INTERVAL = re.compile(
+    r"\s*([\[(])\s*([-+*.\w]+)\s*,\s*([-+*.\w]+)\s*([\])])\s*")
 
 
-def _check_codistill(cd: ml_collections.ConfigDict) -> None:
-  if cd.teacher_source not in ("peers", "checkpoint", "service"):
-    raise ConfigError(f"config.codistill.teacher_source={cd.teacher_source!r} "
-                      "must be 'peers', 'checkpoint' or 'service'")
-  if cd.divergence not in losses.DIVERGENCES:
-    raise ConfigError(f"config.codistill.divergence={cd.divergence!r} is "
-                      f"unknown; use one of {losses.DIVERGENCES}")
-  if cd.teacher_dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"config.codistill.teacher_dtype={cd.teacher_dtype!r} "
-                      "must be 'float32' or 'bfloat16'")
-  for name in ("alpha", "temperature"):
-    value = cd[name]
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and
-            value >= 0 and (value > 0 or name == "alpha")):
-      raise ConfigError(f"config.codistill.{name}={value!r} must be a finite "
-                        f"{'non-negative' if name == 'alpha' else 'positive'} "
-                        "number")
-  if cd.burn_in_steps < 0 or cd.alpha_ramp_steps < 0:
-    raise ConfigError("config.codistill.burn_in_steps and alpha_ramp_steps "
-                      "must be >= 0")
-  if cd.teacher_source in ("checkpoint", "service") and (
-      not cd.teacher_checkpoint):
-    raise ConfigError(f"config.codistill.teacher_source={cd.teacher_source!r} "
-                      "needs config.codistill.teacher_checkpoint=<run dir>")
-  if cd.teacher_checkpoint and "://" not in cd.teacher_checkpoint and (
-      not os.path.exists(cd.teacher_checkpoint)):
-    raise ConfigError(f"config.codistill.teacher_checkpoint="
-                      f"{cd.teacher_checkpoint}: no such directory")
+def _number(text: str) -> float:
+  if not re.fullmatch(r"[-+]?[\d.e]+(\*\*\d+)?|[-+]?inf", text):
+    raise ValueError(f"bad number {text!r} in a range")
+  base, _, power = text.partition("**")
+  return float(base) ** int(power) if power else float(base)
 
 
-def _check_init_checkpoint(path: str) -> None:
-  if path and "://" not in path and not os.path.exists(path):
-    raise ConfigError(f"config.init_checkpoint={path}: no such directory; "
-                      "point it at a run's workdir or a step dir, or set ''")
+def in_range(value: float, spec: str) -> bool:
+  """Whether `value` lies in `spec` ('> 0', '>= 3', '[0, 1)', '(0, 2**63)')."""
+  m = _COMPARISON.fullmatch(spec)
+  if m:
+    op, bound = m.group(1), _number(m.group(2))
+    return {">": value > bound, ">=": value >= bound, "<": value < bound,
+            "<=": value <= bound}[op]
+  m = _INTERVAL.fullmatch(spec)
+  if not m:
+    raise ValueError(f"bad range {spec!r}")
+  lo, hi = _number(m.group(2)), _number(m.group(3))
+  above = value >= lo if m.group(1) == "[" else value > lo
+  below = value <= hi if m.group(4) == "]" else value < hi
+  return above and below
 
 
-def _check_service(config: ml_collections.ConfigDict) -> None:
-  """config.codistill.service, when teacher_source='service'."""
-  if config.codistill.teacher_source != "service":
-    return
-  if importlib.util.find_spec("ray") is None:
-    raise ConfigError("config.codistill.teacher_source='service' needs Ray: "
-                      "pip install -e .[service]")
-  s, name = config.codistill.service, "config.codistill.service"
-  if not isinstance(s.address, str):
-    raise ConfigError(f"{name}.address={s.address!r} must be a string ('' = "
-                      "a local cluster on loopback)")
-  for field, minimum in (("num_workers", 0), ("in_flight", 1),
-                         ("retries", 0)):
-    value = s[field]
-    if not isinstance(value, int) or isinstance(value, bool) or (
-        value < minimum):
-      raise ConfigError(f"{name}.{field}={value!r} must be an integer >= "
-                        f"{minimum}")
-  for field, positive in (("worker_cpus", False), ("worker_gpus", False),
-                          ("request_timeout_s", True),
-                          ("wait_timeout_s", True)):
-    value = s[field]
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and
-            (value > 0 if positive else value >= 0)):
-      raise ConfigError(f"{name}.{field}={value!r} must be a finite "
-                        f"{'positive' if positive else 'non-negative'} number")
-  if s.no_worker not in ("wait", "fallback"):
-    raise ConfigError(f"{name}.no_worker={s.no_worker!r} must be 'wait' or "
-                      "'fallback'")
-  if config.codistill.divergence not in ("kl", "xent"):
-    raise ConfigError(f"config.codistill.divergence="
-                      f"{config.codistill.divergence!r}: the service sends "
-                      "probabilities, not logits; use 'kl' or 'xent'")
+def _describe(spec: str) -> str:
+  m = _COMPARISON.fullmatch(spec)
+  if m:
+    words = {">": "greater than", ">=": "at least", "<": "less than",
+             "<=": "at most"}
+    return f"{words[m.group(1)]} {m.group(2)}"
+  return f"in {spec.replace(' ', '')}"
 
 
-def _check_sparse(config: ml_collections.ConfigDict) -> None:
-  """config.codistill.topk and config.codistill.sampled."""
-  cd, sm = config.codistill, config.codistill.sampled
-  name = "config.codistill.sampled"
-  if not isinstance(cd.topk, int) or cd.topk < 0:
-    raise ConfigError(f"config.codistill.topk={cd.topk!r} must be an integer "
-                      ">= 0 (0 = full teacher distributions)")
-  if cd.topk_mode not in sampling.TOPK_MODES:
-    raise ConfigError(f"config.codistill.topk_mode={cd.topk_mode!r} must be "
-                      f"one of {sampling.TOPK_MODES}")
-  if cd.topk and config.loss != "softmax_xent":
-    raise ConfigError(f"config.codistill.topk={cd.topk} needs a softmax model "
-                      "(config.loss='softmax_xent'); use 0")
-  if not isinstance(sm.num_samples, int) or sm.num_samples < 0:
-    raise ConfigError(f"{name}.num_samples={sm.num_samples!r} must be an "
-                      "integer >= 0 (0 = full-softmax distillation)")
-  if not sm.num_samples:
-    return
-  vocab = config.data.get("vocab_size")
-  if isinstance(vocab, int) and sm.num_samples > vocab:
-    raise ConfigError(f"{name}.num_samples={sm.num_samples} exceeds "
-                      f"config.data.vocab_size={vocab}; use at most {vocab}")
-  if sm.proposal not in sampling.PROPOSALS:
-    raise ConfigError(f"{name}.proposal={sm.proposal!r} must be one of "
-                      f"{sampling.PROPOSALS}")
-  if not 0 <= sm.prior_mix <= 1 or not 0 < sm.uniform_mix <= 1:
-    raise ConfigError(f"{name}.prior_mix={sm.prior_mix} must be in [0, 1] "
-                      f"and uniform_mix={sm.uniform_mix} in (0, 1] (a class "
-                      "with no proposal mass would bias the estimate)")
-  if not isinstance(sm.proposal_positions, int) or sm.proposal_positions < 1:
-    raise ConfigError(f"{name}.proposal_positions={sm.proposal_positions!r} "
-                      "must be a positive integer")
-  problem = (
-      "config.loss must be 'softmax_xent'" if config.loss != "softmax_xent"
-      else "config.codistill.topk must be 0" if cd.topk
-      else "config.codistill.divergence must be 'kl' or 'xent'"
-      if cd.divergence not in ("kl", "xent")
-      else "the teacher service sends probabilities, not hidden states; use "
-      "config.codistill.topk" if cd.teacher_source == "service" else None)
-  if problem:
-    raise ConfigError(f"{name}.num_samples={sm.num_samples}: {problem} (or set "
-                      "num_samples=0)")
-  names = [("config.model_name", config.model_name)]
-  if cd.teacher_source == "checkpoint" and cd.teacher_model_name:
-    names.append(("config.codistill.teacher_model_name",
-                  cd.teacher_model_name))
-  for field, model_name in names:
-    cls = models_lib.get_module(model_name).Model
-    if not (hasattr(cls, "hidden") and hasattr(cls, "output_embedding")):
-      raise ConfigError(f"{name}.num_samples={sm.num_samples}: {field}="
-                        f"{model_name!r} exposes no hidden/output_embedding "
-                        "(a sampled output layer); use num_samples=0")
+def check_choice(config, dotted: str, choices: Iterable[str]) -> None:
+  """config.<dotted> is one of `choices` (the owner's tuple of names)."""
+  value, choices = get_field(config, dotted), tuple(choices)
+  if value not in choices:
+    raise ConfigError(f"config.{dotted}={value!r} is unknown; use one of "
+                      f"{choices}")
 
 
-def _check_like(name: str, value, default) -> None:
+def check_ranges(node: Mapping[str, Any], ranges: Mapping[str, str],
+                 prefix: str = "config") -> None:
+  """Each numeric field named in `ranges` is finite and in its range.
+
+  Args:
+    node: a ConfigDict (or a sub-dict of one) holding the fields.
+    ranges: dotted field name (relative to `node`) -> range spec.
+    prefix: how `node` is named in messages, e.g. 'config.model'.
+  """
+  for name, spec in ranges.items():
+    value = get_field(node, name)
+    if value is _MISSING:
+      continue  # An optional field this config does not have.
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    for v in values:
+      ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and
+            math.isfinite(v) and in_range(v, spec))
+      if not ok:
+        raise ConfigError(f"{prefix}.{name}={value!r} must be "
+                          f"{'each ' if values is value else ''}"
+                          f"{_describe(spec)}")
+
+
+_MISSING = object()
+
+
+def get_field(node: Mapping[str, Any], dotted: str) -> Any:
+  """node['a']['b'] for 'a.b'; a sentinel when a part is missing."""
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+def numeric_fields(node: Mapping[str, Any], prefix: str = "") -> list[str]:
+  """Dotted names of every int/float field (or tuple of them) under `node`."""
+  out = []
+  for k, v in node.items():
+    name = f"{prefix}{k}"
+    if hasattr(v, "keys"):
+      out += numeric_fields(v, name + ".")
+    elif _is_number(v) or (isinstance(v, (tuple, list)) and v and
+                           all(_is_number(x) for x in v)):
+      out.append(name)
+  return out
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# ----------------------------------------------------------------------------
+# The skeleton: keys and types.
+# ----------------------------------------------------------------------------
+def check_like(name: str, value, default) -> None:
   """`value` must have the type of `default` (ints count as floats)."""
   if default is None or callable(default) and not isinstance(default, type):
     return
@@ -291,7 +306,7 @@ def _check_like(name: str, value, default) -> None:
       raise ConfigError(f"{name}={value!r} must be a tuple like {default!r}")
     for v in value:
       for d in default[:1]:
-        _check_like(name, v, d)
+        check_like(name, v, d)
     return
   kinds = (int, float) if isinstance(default, float) else (type(default),)
   if isinstance(default, (int, float, str, bool)) and (
@@ -301,8 +316,45 @@ def _check_like(name: str, value, default) -> None:
                       f"like the default {default!r}")
 
 
+def _check_skeleton(config, reference, prefix="config") -> None:
+  """Same keys as the base config, recursively, with the defaults' types."""
+  missing = sorted(set(reference) - set(config))
+  extra = sorted(set(config) - set(reference))
+  if missing:
+    raise ConfigError(f"{prefix} is missing field(s) {missing}; start the "
+                      "config from config_lib.base_config()")
+  if extra and prefix.rsplit(".", 1)[-1] not in ("data",):
+    raise ConfigError(f"{prefix} has unknown field(s) {extra}; known: "
+                      f"{sorted(reference)}")
+  for k, v in reference.items():
+    name = f"{prefix}.{k}"
+    if isinstance(v, ml_collections.ConfigDict):
+      if not hasattr(config[k], "keys"):
+        raise ConfigError(f"{name} must be a ConfigDict, not {config[k]!r}")
+      if k in ("model", "teacher_model"):
+        continue  # The model module checks its own fields.
+      _check_skeleton(config[k], v, name)
+    else:
+      check_like(name, config[k], v)
+
+
+def check_skeleton(config: ml_collections.ConfigDict) -> None:
+  """Keys, types and ranges of the base config's fields (no jax needed)."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"the config must be a ConfigDict, not "
+                      f"{type(config).__name__}; start it from "
+                      "config_lib.base_config()")
+  _check_skeleton(config, base_config())
+  check_ranges(config, RANGES)
+  for name, package in (("model_name", "models"), ("data.name", "data")):
+    if not get_field(config, name):
+      raise ConfigError(f"config.{name} is empty; name a module of "
+                        f"codistill_jax/{package}/ or a dotted module path "
+                        "of your own")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
-             num_groups_here: int | None = None):
+             num_groups_here: int | None = None) -> None:
   """Raises ConfigError naming the first problem; returns None if all is well.
 
   Args:
@@ -310,69 +362,29 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
     num_devices: devices of this job (default: jax.device_count()).
     num_groups_here: groups this job runs (default: all of them).
   """
-  _check_keys(config, base_config())
-  for k in base_config().data:
-    if k not in config.data:
-      raise ConfigError(f"config.data is missing field {k!r}")
-  _check_positive(config, "total_steps", "log_every", "eval_every",
-                  "checkpoint_every", "codistill.num_groups",
-                  "codistill.exchange_every", "data.batch_size",
-                  "data.eval_batch_size")
-  _check_codistill(config.codistill)
-  _check_init_checkpoint(config.init_checkpoint)
-  _check_service(config)
-  _check_sparse(config)
-  if config.keep_checkpoints < 3:
-    raise ConfigError(f"config.keep_checkpoints={config.keep_checkpoints} must "
-                      "be >= 3 so that a reader never loses a step it restores")
-  if config.loss not in losses.TASK_LOSSES:
-    raise ConfigError(f"config.loss={config.loss!r} is unknown; use one of "
-                      f"{losses.TASK_LOSSES}")
-  if config.optimizer.name not in optim.OPTIMIZERS:
-    raise ConfigError(f"config.optimizer.name={config.optimizer.name!r} is "
-                      f"unknown; use one of {optim.OPTIMIZERS}")
-  if config.optimizer.schedule not in optim.SCHEDULES:
-    raise ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r}"
-                      f" is unknown; use one of {optim.SCHEDULES}")
-  lr = config.optimizer.learning_rate
-  if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-    raise ConfigError(f"config.optimizer.learning_rate={lr!r} must be a "
-                      "positive finite number")
-  if config.data.partition not in ("disjoint", "shared"):
-    raise ConfigError(f"config.data.partition={config.data.partition!r} must "
-                      "be 'disjoint' or 'shared'")
-  mesh_lib.check_rules(config.sharding.rules)
-
-  # Model and data modules exist, and the model takes the configured fields.
-  model_cls = models_lib.get_module(config.model_name).Model
-  fields = {f.name for f in dataclasses.fields(model_cls)} - {"parent", "name"}
-  unknown = sorted(set(config.model) - fields)
-  if unknown:
-    raise ConfigError(f"config.model has unknown field(s) {unknown} for model "
-                      f"{config.model_name!r}; valid: {sorted(fields)}")
-  for f in dataclasses.fields(model_cls):
-    if f.name in config.model and f.default is not dataclasses.MISSING:
-      _check_like(f"config.model.{f.name}", config.model[f.name], f.default)
-  data_module = data_lib.get_module(config.data.name)
-
-  # Divisibility: groups over devices, batches over a group's devices.
-  num_devices = num_devices or jax.device_count()
-  groups_here = num_groups_here or config.codistill.num_groups
-  if num_devices % groups_here:
-    raise ConfigError(
-        f"config.codistill.num_groups={config.codistill.num_groups} does not "
-        f"divide the {num_devices} devices; use a divisor of {num_devices}")
-  per_group = num_devices // groups_here
-  for name in ("batch_size", "eval_batch_size"):
-    value = config.data[name]
-    if value % per_group:
-      raise ConfigError(
-          f"config.data.{name}={value} is not divisible by the {per_group} "
-          f"devices of a group; use a multiple of {per_group}")
-  if hasattr(data_module, "check"):
-    data_module.check(config)
+  check_skeleton(config)
+  # The owners of the other fields; imported only now (they import jax).
+  # pylint: disable=g-import-not-at-top
+  from codistill_jax import checkpoint
+  from codistill_jax import data
+  from codistill_jax import losses
+  from codistill_jax import mesh
+  from codistill_jax import models
+  from codistill_jax import optim
+  from codistill_jax import sampling
+  from codistill_jax import teachers
+  # pylint: enable=g-import-not-at-top
+  for check in (teachers.check_config, checkpoint.check_config,
+                sampling.check_config, losses.check_config, optim.check_config,
+                models.check_config, data.check_config):
+    check(config)
+  mesh.check_config(config, num_devices=num_devices,
+                    num_groups_here=num_groups_here)
 
 
+# ----------------------------------------------------------------------------
+# Loading config files.
+# ----------------------------------------------------------------------------
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses a config file's `:arg` strictly: 'quick,groups=2' -> ConfigDict.
 
@@ -399,3 +411,153 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
         raise ConfigError(f"config arg {key}={value!r} is not a "
                           f"{kind.__name__}") from None
   return out
+
+
+def load_module(path: str, name: str | None = None):
+  """Executes the Python file at `path` as a module; ConfigError if it can't.
+
+  Args:
+    path: a config (or sweep) file.
+    name: the module's name (default: derived from the file name).
+  """
+  if not path:
+    raise ConfigError("--config is empty; e.g. --config=configs/flights.py")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config could not be loaded: {path}: no such file")
+  if not path.endswith(".py"):
+    raise ConfigError(f"--config could not be loaded: {path} is not a .py "
+                      "file; a config is a Python file defining "
+                      "get_config(arg=None)")
+  name = name or "config_" + re.sub(r"\W", "_", os.path.basename(path)[:-3])
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except ConfigError:
+    raise
+  except SyntaxError as e:
+    raise ConfigError(f"--config could not be loaded: {path} is not valid "
+                      f"Python (line {e.lineno}: {e.msg})") from None
+  except ImportError as e:
+    raise ConfigError(f"--config could not be loaded: {path} imports a "
+                      f"module that is missing ({e}); install it or fix the "
+                      "import") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"--config could not be loaded: {path} raised "
+                      f"{type(e).__name__}: {_one_line(e)}") from None
+  return module
+
+
+def load_file(path_and_arg: str) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of 'file.py[:arg]', unlocked, or a ConfigError."""
+  path, _, arg = path_and_arg.partition(":")
+  module = load_module(path)
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise ConfigError(f"--config could not be loaded: {path} defines no "
+                      "get_config(arg=None)")
+  try:
+    config = get_config(arg) if arg else get_config()
+  except ConfigError as e:
+    raise ConfigError(f"--config={path_and_arg}: {e}") from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(f"--config={path_and_arg}: get_config raised "
+                      f"{type(e).__name__}: {_one_line(e)}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"--config={path_and_arg}: get_config returned "
+                      f"{type(config).__name__}, not a ConfigDict; start it "
+                      "from config_lib.base_config() and return it")
+  return config
+
+
+def parse_value(text: str, like: Any) -> Any:
+  """A command-line string as a value of the type of `like`."""
+  if isinstance(like, bool):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+      raise ValueError(f"{text!r} is not a bool")
+    return text.lower() in ("true", "1", "yes")
+  if isinstance(like, (int, float)) or isinstance(like, (tuple, list)):
+    import ast  # pylint: disable=g-import-not-at-top
+    value = ast.literal_eval(text)
+    return float(value) if isinstance(like, float) and isinstance(
+        value, int) and not isinstance(value, bool) else value
+  return text
+
+
+def apply_overrides(config: ml_collections.ConfigDict,
+                    overrides: Mapping[str, Any] | Iterable[str]) -> None:
+  """Sets dotted fields: {'a.b': 1} or ['a.b=1', ...] (strings are parsed).
+
+  Only existing fields may be set (a typo is a ConfigError naming it).
+  """
+  items = (overrides.items() if isinstance(overrides, Mapping) else
+           (o.partition("=")[::2] for o in overrides))
+  for dotted, value in items:
+    dotted = dotted.removeprefix("--").removeprefix("config.")
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+      if not hasattr(node, "keys") or part not in node:
+        raise ConfigError(f"unknown config field {dotted!r}")
+      node = node[part]
+    if not hasattr(node, "keys") or leaf not in node:
+      raise ConfigError(f"unknown config field {dotted!r}")
+    old = node[leaf]
+    if isinstance(value, str) and not isinstance(old, str):
+      try:
+        value = parse_value(value, old)
+      except (ValueError, SyntaxError):
+        raise ConfigError(f"config.{dotted}={value!r} is not a "
+                          f"{type(old).__name__}") from None
+    try:
+      with node.ignore_type() if isinstance(old, (tuple, list)) else _nothing():
+        node[leaf] = value
+    except TypeError as e:
+      raise ConfigError(f"config.{dotted}={value!r}: {_one_line(e)}") from None
+
+
+class _nothing:  # pylint: disable=invalid-name
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    return False
+
+
+def load(path_and_arg: str, overrides: Mapping[str, Any] | Iterable[str] = (),
+         lock: bool = True) -> ml_collections.ConfigDict:
+  """The one config loader: 'configs/x.py[:arg]' plus dotted overrides.
+
+  Args:
+    path_and_arg: a config file, optionally with ':arg' for get_config.
+    overrides: {'a.b': value} or ['a.b=value'] (as `--config.a.b=value`).
+    lock: lock the result (new fields then raise), as the CLI does.
+
+  Returns:
+    The ConfigDict. Raises ConfigError for a file that does not load or an
+    override that names no field.
+  """
+  config = load_file(path_and_arg)
+  apply_overrides(config, overrides)
+  if lock:
+    config.lock()
+  return config
+
+
+def config_path(name: str) -> str:
+  """configs/<name>.py of this repository (for tests and experiments)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return os.path.join(root, "configs", f"{name}.py")
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split())[:300]
+
+
+def module_exists(dotted: str) -> bool:
+  """Whether `dotted` names an importable module (without importing it)."""
+  try:
+    return importlib.util.find_spec(dotted) is not None
+  except (ImportError, ValueError):
+    return False
+

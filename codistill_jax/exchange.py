@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from codistill_jax import checkpoint as ckpt_lib
+from codistill_jax import paths
 from codistill_jax import step as step_lib
 
 
@@ -43,10 +44,6 @@ def fingerprint(params: Any) -> jax.Array:
                                                     lambda y: jnp.sum(abs(y)))])
 
 
-def published_dir(exchange_dir: str, group: int) -> str:
-  return os.path.join(exchange_dir, f"group_{group}", "published")
-
-
 class Publisher:
   """Publishes one group's params (Orbax, `max_to_keep` >= 3).
 
@@ -59,7 +56,7 @@ class Publisher:
   def __init__(self, exchange_dir: str, group: int, max_to_keep: int = 3):
     self._background = jax.process_count() == 1
     self._mgr = ckpt_lib.manager(
-        published_dir(exchange_dir, group), f"publish_g{group}",
+        paths.published_dir(exchange_dir, group), f"publish_g{group}",
         max_to_keep=max_to_keep,
         # A killed predecessor's half-written saves go at restart.
         cleanup_tmp_directories=True,
@@ -71,10 +68,6 @@ class Publisher:
     # older checkpoint (after a crash) replays steps it had published: those
     # stay as committed (peers may hold them) and the replay's are not saved.
     self._earlier = set(self._mgr.all_steps())
-
-  def warm_up(self, params: Any) -> None:
-    """Compiles the copy and fingerprint before the loop (not on its clock)."""
-    jax.block_until_ready(_copy_with_fingerprint(params))
 
   def _save(self, step: int, item: Any) -> None:
     try:
@@ -132,6 +125,12 @@ def _copy_with_fingerprint(params):
   return jax.tree.map(jnp.copy, params), fingerprint(params)
 
 
+def warm_up(params: Any) -> None:
+  """Compiles a publish's copy and fingerprint before the loop (not on its
+  clock); writes nothing."""
+  jax.block_until_ready(_copy_with_fingerprint(params))
+
+
 def teachers_sharding(param_shardings: Any) -> step_lib.Teachers:
   """Layout of stacked peer params: unsplit teacher axis, then as the params.
 
@@ -167,14 +166,6 @@ def _group_broadcast(mesh: jax.sharding.Mesh) -> Callable:
         sharding, rows)))
 
   return broadcast
-
-
-def committed_steps(directory: str) -> list[int]:
-  """Committed steps in a published dir ([] if it does not exist yet)."""
-  try:
-    return sorted(ocp.step.checkpoint_steps(directory))
-  except (FileNotFoundError, OSError):
-    return []
 
 
 @dataclasses.dataclass
@@ -232,10 +223,10 @@ class PeerReader:
 
   # -- Restoring (background thread). --------------------------------------
   def _restore_one(self, slot: PeerSlot, only_step: int | None = None):
-    directory = published_dir(self.exchange_dir, slot.group)
+    directory = paths.published_dir(self.exchange_dir, slot.group)
     for attempt in range(self._retries):
-      steps = [only_step] if only_step is not None else committed_steps(
-          directory)
+      steps = ([only_step] if only_step is not None else
+               ckpt_lib.committed_steps(directory))
       if not steps or (slot.step is not None and steps[-1] <= slot.step):
         return  # Nothing new.
       step = steps[-1]
@@ -288,9 +279,9 @@ class PeerReader:
     first process's view of the newest committed steps is broadcast so that
     all agree.
     """
-    newest = self._agree(np.array([(committed_steps(published_dir(
-        self.exchange_dir, s.group)) or [-1])[-1] for s in self.slots],
-                                  np.int32))
+    listed = [ckpt_lib.committed_steps(paths.published_dir(
+        self.exchange_dir, s.group)) or [-1] for s in self.slots]
+    newest = self._agree(np.array([steps[-1] for steps in listed], np.int32))
     for slot, step in zip(self.slots, newest.tolist()):
       if step >= 0 and (slot.step is None or step > slot.step):
         self._restore_one(slot, only_step=int(step))

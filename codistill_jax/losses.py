@@ -9,7 +9,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from codistill_jax import config_lib
+
 TASK_LOSSES = ("softmax_xent", "sigmoid_xent")
+DIVERGENCES = ("kl", "xent", "mse")
+
+
+def check_config(config) -> None:
+  """config.loss and config.codistill.divergence name losses defined here."""
+  config_lib.check_choice(config, "loss", TASK_LOSSES)
+  config_lib.check_choice(config, "codistill.divergence", DIVERGENCES)
 
 
 def weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -43,7 +52,6 @@ def task_loss(name: str):
 # ----------------------------------------------------------------------------
 # Distillation.
 # ----------------------------------------------------------------------------
-DIVERGENCES = ("kl", "xent", "mse")
 
 
 def teacher_targets(teacher_logits: jax.Array, peer_weights: jax.Array,

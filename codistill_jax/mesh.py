@@ -72,6 +72,34 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def check_config(config, num_devices: int | None = None,
+                 num_groups_here: int | None = None) -> None:
+  """Sharding rules, and groups and batches that divide the devices.
+
+  Args:
+    config: the experiment config.
+    num_devices: devices of this job (default: jax.device_count()).
+    num_groups_here: groups this job runs (default: all of them).
+  """
+  check_rules(config.sharding.rules)
+  num_devices = num_devices or jax.device_count()
+  groups = num_groups_here or config.codistill.num_groups
+  if num_devices % groups:
+    raise ConfigError(
+        f"config.codistill.num_groups={config.codistill.num_groups} does not "
+        f"divide the {num_devices} devices; use a divisor of {num_devices}, "
+        "give this process more devices (on a CPU host: XLA_FLAGS="
+        f"--xla_force_host_platform_device_count={groups}) or run one process "
+        "per group (experiments/launch_local.py)")
+  per_group = num_devices // groups
+  for name in ("batch_size", "eval_batch_size"):
+    value = config.data[name]
+    if value % per_group:
+      raise ConfigError(
+          f"config.data.{name}={value} is not divisible by the {per_group} "
+          f"devices of a group; use a multiple of {per_group}")
+
+
 def check_rules(rules) -> None:
   for i, rule in enumerate(rules):
     if len(rule) != 2 or rule[1] not in STRATEGIES:

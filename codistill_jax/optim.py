@@ -3,10 +3,26 @@
 import ml_collections
 import optax
 
+from codistill_jax import config_lib
 from codistill_jax.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear", "step")
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """config.optimizer names a known optimizer and schedule, and fits the run.
+
+  The numeric ranges (lr > 0, betas in [0, 1), ...) are in config_lib.RANGES.
+  """
+  o = config.optimizer
+  config_lib.check_choice(config, "optimizer.name", OPTIMIZERS)
+  config_lib.check_choice(config, "optimizer.schedule", SCHEDULES)
+  if o.warmup_steps >= config.total_steps:
+    raise ConfigError(f"config.optimizer.warmup_steps={o.warmup_steps} is not "
+                      f"shorter than config.total_steps={config.total_steps}: "
+                      "the run would end before the learning rate peaks; use "
+                      "fewer warm-up steps")
 
 
 def make_schedule(cfg: ml_collections.ConfigDict, total_steps: int):

@@ -51,8 +51,44 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from codistill_jax import config_lib
+from codistill_jax.errors import ConfigError
+
 PROPOSALS = ("dynamic", "teacher", "unigram", "uniform")
 TOPK_MODES = ("tail", "renormalize")
+
+
+def check_config(config) -> None:
+  """config.codistill.topk / topk_mode and config.codistill.sampled.
+
+  Ranges are in config_lib.RANGES; whether the model has a sampled output
+  layer is checked where the term is built (build.py).
+  """
+  cd, sm = config.codistill, config.codistill.sampled
+  name = "config.codistill.sampled"
+  config_lib.check_choice(config, "codistill.topk_mode", TOPK_MODES)
+  if cd.topk and config.loss != "softmax_xent":
+    raise ConfigError(f"config.codistill.topk={cd.topk} needs a softmax model "
+                      "(config.loss='softmax_xent'); use 0")
+  if not sm.num_samples:
+    return
+  vocab = config.data.get("vocab_size")
+  if isinstance(vocab, int) and sm.num_samples > vocab:
+    raise ConfigError(f"{name}.num_samples={sm.num_samples} exceeds "
+                      f"config.data.vocab_size={vocab}; use at most {vocab}")
+  config_lib.check_choice(config, "codistill.sampled.proposal", PROPOSALS)
+  problem = (
+      "config.loss must be 'softmax_xent'" if config.loss != "softmax_xent"
+      else "config.codistill.topk must be 0" if cd.topk
+      else "config.codistill.divergence must be 'kl' or 'xent'"
+      if cd.divergence not in ("kl", "xent")
+      else "its teachers must run in this process (teacher_source 'peers' "
+      "or 'checkpoint'); the service and the target store send "
+      "probabilities, not hidden states: use config.codistill.topk"
+      if cd.teacher_source not in ("peers", "checkpoint") else None)
+  if problem:
+    raise ConfigError(f"{name}.num_samples={sm.num_samples}: {problem} (or set "
+                      "num_samples=0)")
 
 # Laplace scales of the rank-based proposal, as fractions of K: a mixture of a
 # sharp, a medium and a broad decay over the disagreement ranks.

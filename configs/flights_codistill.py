@@ -18,21 +18,17 @@ WORKDIR/group_*/metrics.jsonl or TensorBoard. Args as configs/flights.py
 (`quick`, `groups=G`; the default here is groups=2).
 """
 
-import importlib.util
 import os
 
+from codistill_jax import config_lib
 
-def _flights():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "flights.py")
-  spec = importlib.util.spec_from_file_location("flights_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+_FLIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                        "flights.py")
 
 
 def get_config(arg=None):
-  return _flights().get_config(",".join(filter(None, ["groups=2", arg])))
+  return config_lib.load(
+      f"{_FLIGHTS}:{','.join(filter(None, ['groups=2', arg]))}", lock=False)
 
 
 def sweep():

@@ -39,17 +39,18 @@ def step_overhead(name: str, groups: list[int], steps: int) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import bench_lib  # pylint: disable=g-import-not-at-top
+  from codistill_jax import build  # pylint: disable=g-import-not-at-top
   from codistill_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from codistill_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import losses  # pylint: disable=g-import-not-at-top
   from codistill_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from codistill_jax import train  # pylint: disable=g-import-not-at-top
 
   config = bench_lib.load_config(name, None)
   mesh = mesh_lib.make_mesh(jax.devices()[:_DEVICES.value])
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)
-  setup = train.build(config, datasets, mesh)
+  setup = build.build(config, datasets, mesh)
   sharding = mesh_lib.batch_sharding(mesh)
   batch = mesh_lib.shard_batch(next(iter(datasets.train(0))), sharding)
   init = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)
@@ -77,7 +78,7 @@ def step_overhead(name: str, groups: list[int], steps: int) -> list[dict]:
                                  steps)
   rows = []
   for g in groups:
-    distill = step_lib.Distill(
+    distill = distill_lib.Dense(
         setup.model.apply, losses.alpha_schedule(1.0, 0),
         binary=config.loss == "sigmoid_xent")
     teachers = step_lib.Teachers(

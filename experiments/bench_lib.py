@@ -1,6 +1,5 @@
 """Helpers shared by the benchmark scripts (no flags, no side effects)."""
 
-import importlib.util
 import os
 import time
 
@@ -12,12 +11,10 @@ CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
 
 
 def load_config(name: str, arg: str | None):
-  """configs/<name>.py's get_config(arg)."""
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(CONFIGS, name + ".py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/<name>.py's get_config(arg), unlocked for the benchmark."""
+  from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load(os.path.join(CONFIGS, name + ".py") +
+                         (f":{arg}" if arg else ""), lock=False)
 
 
 def median_time(fn, n: int) -> float:

@@ -46,6 +46,7 @@ def main(argv):
   import optax  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_lib  # pylint: disable=g-import-not-at-top
+  from codistill_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import losses  # pylint: disable=g-import-not-at-top
   from codistill_jax import sampling  # pylint: disable=g-import-not-at-top
   from codistill_jax import step as step_lib  # pylint: disable=g-import-not-at-top
@@ -98,8 +99,9 @@ def main(argv):
             teacher_hidden_fn=hidden,
             teacher_output_embedding=model.output_embedding,
             num_samples=num_samples)
-      distill = step_lib.Distill(model.apply, losses.alpha_schedule(1.0, 0),
-                                 sampled=sampled)
+      alpha = losses.alpha_schedule(1.0, 0)
+      distill = (distill_lib.Sampled(sampled, alpha) if sampled else
+                 distill_lib.Dense(model.apply, alpha))
       fn = jax.jit(step_lib.make_train_step(model.apply, loss_fn, tx,
                                             distill=distill))
       return fn.lower(state, batch, teachers).compile()

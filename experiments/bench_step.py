@@ -23,7 +23,7 @@ from codistill_jax import data as data_lib
 from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import step as step_lib
-from codistill_jax import train
+from codistill_jax import build
 
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per config.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_step.json",
@@ -38,7 +38,7 @@ def bench(config) -> dict:
   mesh = mesh_lib.make_mesh(jax.devices())
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)
-  setup = train.build(config, datasets, mesh)
+  setup = build.build(config, datasets, mesh)
   sharding = mesh_lib.batch_sharding(mesh)
   batch = mesh_lib.shard_batch(next(iter(datasets.train(0))), sharding)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(

@@ -23,12 +23,12 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
-                                          lock_config=True)
+from codistill_jax import cli
+from codistill_jax import paths
+
+_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Shared workdir.")
 _PROCS = flags.DEFINE_integer("processes_per_group", 1,
                               "Processes per group (a multi-process JAX job).")
@@ -78,7 +78,7 @@ def main(argv):
             else [int(g) for g in _GROUPS.value])
   # Pass the config flags on exactly as given (file, ':arg' and overrides).
   config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
-  logdir = os.path.join(_WORKDIR.value, "logs")
+  logdir = paths.logs_dir(_WORKDIR.value)
   os.makedirs(logdir, exist_ok=True)
   procs = []
   for cmd, env, log in commands(config_args, _WORKDIR.value, groups,
@@ -112,5 +112,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, required=("config", "workdir"))

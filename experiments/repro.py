@@ -26,7 +26,6 @@ of what finished.
 import argparse
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -98,11 +97,8 @@ def _flag_value(v) -> str:
 
 
 def _load_config_module(path: str):
-  spec = importlib.util.spec_from_file_location(
-      os.path.basename(path)[:-3] + "_config", os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load_module(os.path.join(REPO, path))
 
 
 def points(study_name: str, root: str, quick: bool) -> list[Point]:

@@ -10,7 +10,6 @@ under the matching claim, so regenerating never loses it.
 """
 
 import functools
-import importlib.util
 import itertools
 import json
 import os
@@ -138,13 +137,13 @@ def test_predictions(workdir: str, num_groups: int) -> dict[str, np.ndarray]:
   from codistill_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import step as step_lib  # pylint: disable=g-import-not-at-top
-  from codistill_jax import train  # pylint: disable=g-import-not-at-top
+  from codistill_jax import build  # pylint: disable=g-import-not-at-top
 
   config = churn_lib.load_run_config(workdir)
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)
-  setup = train.build(config, datasets, mesh)
+  setup = build.build(config, datasets, mesh)
   predict = jax.jit(step_lib.make_eval_step(
       setup.model.apply, metrics_lib.predictions_fn(config.loss)))
   params = [churn_lib.restore_group_params(config, workdir, g, mesh)
@@ -181,12 +180,8 @@ METHOD_LABELS = ("sync\n(1 model)", "2-model\nensemble", "codistilled\n(1 model)
 @functools.lru_cache
 def _config_steps(config: str) -> int:
   """total_steps of 'configs/x.py[:arg]' (the default of a point's budget)."""
-  path, _, arg = config.partition(":")
-  spec = importlib.util.spec_from_file_location(
-      "repro_config", os.path.join(REPO, path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None).total_steps
+  from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load(os.path.join(REPO, config)).total_steps
 
 
 def _steps(point) -> str:

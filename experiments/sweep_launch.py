@@ -25,7 +25,6 @@ queue. `--dry_run` prints the commands; without it `shell` runs them and the
 others print them for you to submit (this script never talks to a cluster).
 """
 
-import importlib.util
 import os
 import re
 import shlex
@@ -34,7 +33,6 @@ import sys
 
 from absl import app
 from absl import flags
-from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -76,10 +74,8 @@ _REPO = flags.DEFINE_string("repo_dir", ROOT,
 
 
 def load_config_module(path: str):
-  spec = importlib.util.spec_from_file_location("sweep_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load_module(path)
 
 
 def flag_value(value) -> str:
@@ -137,18 +133,10 @@ def job_argvs(config_arg: str, root: str, extra: list[str],
 def validate(argv: list[str]) -> None:
   """Parses `argv` with main.py's config flags; raises on any problem."""
   from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
-  fv = flags.FlagValues()
-  args = ["main", *argv[2:]]
-  # config_flags finds the override flags in the argv it is given up front.
-  config_flags.DEFINE_config_file("config", None, "", flag_values=fv,
-                                  lock_config=True, sys_argv=args)
-  for name in ("workdir", "coordinator_address"):
-    flags.DEFINE_string(name, None, "", flag_values=fv)
-  flags.DEFINE_list("groups", None, "", flag_values=fv)
-  for name in ("num_processes", "process_id"):
-    flags.DEFINE_integer(name, None, "", flag_values=fv)
-  fv(args)
-  config = fv["config"].value
+  config_arg = next(a.partition("=")[2] for a in argv
+                    if a.startswith("--config="))
+  config = config_lib.load(config_arg, [a[2:] for a in argv
+                                        if a.startswith("--config.")])
   # One device per group is enough to check the fields; the cluster's own
   # divisibility is checked when each job starts (or by compile_check).
   config_lib.validate(config, num_devices=1, num_groups_here=1)

@@ -17,7 +17,6 @@
 """
 
 import glob
-import importlib.util
 import os
 import re
 import shlex
@@ -28,6 +27,7 @@ import time
 
 import pytest
 
+from codistill_jax import config_lib
 from codistill_jax import metrics
 from tests.test_train import ROOT, assert_trees_equal, restore_params
 
@@ -279,11 +279,8 @@ def test_a_printed_sweep_command_runs(tmp_path):
 
 
 def test_named_sweep_launches_each_points_own_group_count(tmp_path):
-  spec = importlib.util.spec_from_file_location(
-      "flights_cfg", os.path.join(ROOT, "configs", "flights.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  points = module.sweep("churn")
+  points = config_lib.load_module(config_lib.config_path("flights")).sweep(
+      "churn")
   want = sum(p.get("codistill.num_groups", 1) for p in points)
   result = sweep("--config=configs/flights.py:quick", "--sweep=churn",
                  f"--workdir_root={tmp_path}", "--dry_run")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from codistill_jax import churn
-from codistill_jax import exchange
+from codistill_jax import checkpoint
+from codistill_jax import paths
 from codistill_jax import metrics
 from codistill_jax import train
 from codistill_jax.errors import ConfigError
@@ -57,8 +58,8 @@ def test_two_groups_on_sub_meshes_exchange_and_distil(tmp_path):
     assert all(r["distill_loss"] > 0 for r in rows if r["alpha"] == 1.0)
     assert all(r[f"restore_failures/group_{peer}"] == 0 for r in rows
                if f"restore_failures/group_{peer}" in r)
-    steps = exchange.committed_steps(
-        exchange.published_dir(str(tmp_path), g))
+    steps = checkpoint.committed_steps(
+        paths.published_dir(str(tmp_path), g))
     assert steps == [12, 16, 20]  # max_to_keep = 3.
   # Per-group, ensemble and agreement metrics at the end.
   assert "test/auc" in final[0] and "test/auc" in final[1]

@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from codistill_jax import cadence
 from codistill_jax import config_lib
 from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics
 from codistill_jax import optim
-from codistill_jax import train
 from codistill_jax.errors import ConfigError
 
 
@@ -63,7 +63,7 @@ def test_eval_accumulator_weights_padding_out():
     (0, 10, 100, False), (10, 10, 100, True), (11, 10, 100, False),
     (100, 30, 100, True), (99, 30, 100, False), (30, 0, 100, False)])
 def test_is_time(step, every, total, want):
-  assert train.is_time(step, every, total) == want
+  assert cadence.is_time(step, every, total) == want
 
 
 def test_fsdp_rule_splits_large_params_and_replicates_the_rest():

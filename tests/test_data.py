@@ -18,12 +18,14 @@ import ml_collections
 import numpy as np
 import pytest
 
+from codistill_jax import config_lib
 from codistill_jax import data as data_lib
-from codistill_jax.data import common
 from codistill_jax.data import criteo
 from codistill_jax.data import fashion_mnist
 from codistill_jax.data import flights
 from codistill_jax.data import kernel_docs
+from codistill_jax.data import lm
+from codistill_jax.data import order
 from codistill_jax.data import tfds_image
 from codistill_jax.data import tfds_text
 from codistill_jax.data import tokenizer as tokenizer_lib
@@ -150,42 +152,42 @@ def _check_protocol(module, config, *, num_groups=2, process_count=2,
 def test_permutation_golden():
   # Splits that results are reported on must never move silently (numpy
   # upgrades, refactors): these are the first orders ever produced.
-  np.testing.assert_array_equal(common.permutation(10, 0),
+  np.testing.assert_array_equal(order.permutation(10, 0),
                                 [1, 4, 5, 7, 6, 9, 0, 3, 2, 8])
-  assert common.hash_key(1, 2) == 13608149317741381227
-  assert not np.array_equal(common.permutation(10, 1),
-                            common.permutation(10, 0))
+  assert order.hash_key(1, 2) == 13608149317741381227
+  assert not np.array_equal(order.permutation(10, 1),
+                            order.permutation(10, 0))
 
 
 def test_split_indices_disjoint_cover_and_fixed():
-  splits = common.split_indices(103, {"validation": 10, "test": 7}, seed=3)
+  splits = order.split_indices(103, {"validation": 10, "test": 7}, seed=3)
   assert [len(splits[k]) for k in ("train", "validation", "test")] == [
       86, 10, 7]
   everything = np.concatenate(list(splits.values()))
   np.testing.assert_array_equal(np.sort(everything), np.arange(103))
-  again = common.split_indices(103, {"validation": 10, "test": 7}, seed=3)
-  other = common.split_indices(103, {"validation": 10, "test": 7}, seed=4)
+  again = order.split_indices(103, {"validation": 10, "test": 7}, seed=3)
+  other = order.split_indices(103, {"validation": 10, "test": 7}, seed=4)
   for k in splits:
     np.testing.assert_array_equal(splits[k], again[k])
     assert (np.diff(splits[k]) > 0).all()
   assert not np.array_equal(splits["test"], other["test"])
   with pytest.raises(ConfigError):
-    common.split_indices(5, {"validation": 4, "test": 2}, seed=0)
+    order.split_indices(5, {"validation": 4, "test": 2}, seed=0)
 
 
 def test_fraction_sizes_keeps_every_split_nonempty():
-  assert common.fraction_sizes(1000, {"validation": 0.05}) == {
+  assert order.fraction_sizes(1000, {"validation": 0.05}) == {
       "validation": 50}
-  assert common.fraction_sizes(5, {"validation": 0.05, "test": 0.05}) == {
+  assert order.fraction_sizes(5, {"validation": 0.05, "test": 0.05}) == {
       "validation": 1, "test": 1}
   with pytest.raises(ConfigError, match="max_files"):
-    common.fraction_sizes(2, {"validation": 0.05, "test": 0.05})
+    order.fraction_sizes(2, {"validation": 0.05, "test": 0.05})
 
 
 @pytest.mark.parametrize("num_groups", [1, 3, 4])
 def test_partition_disjoint_covers_exactly(num_groups):
   indices = np.arange(10, 111)
-  shards = [common.partition(indices, num_groups, g, "disjoint", seed=0)
+  shards = [order.partition(indices, num_groups, g, "disjoint", seed=0)
             for g in range(num_groups)]
   np.testing.assert_array_equal(np.sort(np.concatenate(shards)), indices)
   assert max(map(len, shards)) - min(map(len, shards)) <= 1
@@ -196,52 +198,52 @@ def test_partition_disjoint_covers_exactly(num_groups):
 def test_partition_shared_and_errors():
   indices = np.arange(20)
   np.testing.assert_array_equal(
-      common.partition(indices, 3, 2, "shared", seed=0), indices)
+      order.partition(indices, 3, 2, "shared", seed=0), indices)
   with pytest.raises(ConfigError, match="config.data.partition"):
-    common.partition(indices, 2, 0, "overlap", seed=0)
+    order.partition(indices, 2, 0, "overlap", seed=0)
   with pytest.raises(ConfigError, match="config.num_groups"):
-    common.partition(indices[:3], 4, 0, "disjoint", seed=0)
+    order.partition(indices[:3], 4, 0, "disjoint", seed=0)
 
 
 def test_train_order_epochs_hosts_and_groups():
   indices = np.arange(100, 150)  # 50 examples, batch 8: 6 steps an epoch.
-  order = common.TrainOrder(indices, batch_size=8, seed=1, group=0,
-                            process_index=0, process_count=1)
-  assert order.steps_per_epoch == 6
-  epoch0 = np.concatenate([order(s) for s in range(6)])
-  epoch1 = np.concatenate([order(s) for s in range(6, 12)])
+  train_order = order.TrainOrder(indices, batch_size=8, seed=1, group=0,
+                                 process_index=0, process_count=1)
+  assert train_order.steps_per_epoch == 6
+  epoch0 = np.concatenate([train_order(s) for s in range(6)])
+  epoch1 = np.concatenate([train_order(s) for s in range(6, 12)])
   for epoch in (epoch0, epoch1):
     assert len(set(epoch.tolist())) == 48 and set(epoch) <= set(indices)
   assert not np.array_equal(epoch0, epoch1)  # Reshuffled every epoch.
-  hosts = [common.TrainOrder(indices, batch_size=8, seed=1, group=0,
+  hosts = [order.TrainOrder(indices, batch_size=8, seed=1, group=0,
                              process_index=p, process_count=4)
            for p in range(4)]
   for step in (0, 5, 6, 13):
     np.testing.assert_array_equal(
-        np.concatenate([h(step) for h in hosts]), order(step))
-  other_group = common.TrainOrder(indices, batch_size=8, seed=1, group=1,
+        np.concatenate([h(step) for h in hosts]), train_order(step))
+  other_group = order.TrainOrder(indices, batch_size=8, seed=1, group=1,
                                   process_index=0, process_count=1)
-  other_seed = common.TrainOrder(indices, batch_size=8, seed=2, group=0,
+  other_seed = order.TrainOrder(indices, batch_size=8, seed=2, group=0,
                                  process_index=0, process_count=1)
-  assert not np.array_equal(other_group(0), order(0))
-  assert not np.array_equal(other_seed(0), order(0))
+  assert not np.array_equal(other_group(0), train_order(0))
+  assert not np.array_equal(other_seed(0), train_order(0))
 
 
 def test_batch_size_errors_name_the_field():
   with pytest.raises(ConfigError, match="config.data.batch_size"):
-    common.TrainOrder(np.arange(50), batch_size=10, seed=0, group=0,
+    order.TrainOrder(np.arange(50), batch_size=10, seed=0, group=0,
                       process_index=0, process_count=4)
   with pytest.raises(ConfigError, match="config.data.batch_size"):
-    common.TrainOrder(np.arange(5), batch_size=8, seed=0, group=0,
+    order.TrainOrder(np.arange(5), batch_size=8, seed=0, group=0,
                       process_index=0, process_count=1)
   with pytest.raises(ConfigError, match="config.data.eval_batch_size"):
-    common.eval_order(10, batch_size=6, process_index=0, process_count=4)
+    order.eval_order(10, batch_size=6, process_index=0, process_count=4)
   with pytest.raises(ConfigError, match="config.data.eval_batch_size"):
-    common.check_batch_sizes(_config(eval_batch_size=0))
+    config_lib.check_ranges(_config(eval_batch_size=0), config_lib.RANGES)
 
 
 def test_eval_order_pads_equally():
-  rows = [common.eval_order(10, batch_size=4, process_index=p,
+  rows = [order.eval_order(10, batch_size=4, process_index=p,
                             process_count=2) for p in range(2)]
   np.testing.assert_array_equal(rows[0], [[0, 1], [4, 5], [8, 9]])
   np.testing.assert_array_equal(rows[1], [[2, 3], [6, 7], [-1, -1]])
@@ -249,17 +251,17 @@ def test_eval_order_pads_equally():
 
 def test_lm_windows_and_batch():
   ids = np.arange(3, 13)  # 10 ids, the last one standing in for EOD.
-  w = common.lm_windows(ids, 4)
+  w = lm.lm_windows(ids, 4)
   np.testing.assert_array_equal(
       w, [[3, 4, 5, 6, 7], [7, 8, 9, 10, 11], [11, 12, 0, 0, 0]])
-  b = common.lm_batch(w)
+  b = lm.lm_batch(w)
   np.testing.assert_array_equal(b["inputs"][2], [11, 12, 0, 0])
   np.testing.assert_array_equal(b["labels"][2], [12, 0, 0, 0])
   np.testing.assert_array_equal(b["weights"][2], [1, 0, 0, 0])
   assert b["weights"][:2].all()
   # Every id but the first is a target exactly once.
   np.testing.assert_array_equal(b["labels"][b["weights"] > 0], ids[1:])
-  assert common.lm_windows([2], 4).shape == (0, 5)
+  assert lm.lm_windows([2], 4).shape == (0, 5)
 
 
 def test_unknown_module_is_a_config_error():
@@ -465,7 +467,8 @@ def test_criteo_bad_input(tmp_path):
     criteo.check(_config(path=str(tmp_path / "x.tsv"), hash_buckets=10,
                          max_rows=0))
   with pytest.raises(ConfigError, match="config.data.hash_buckets"):
-    criteo.check(_config(path=str(tmp_path), hash_buckets=1, max_rows=0))
+    config_lib.check_ranges(_config(hash_buckets=1, max_rows=0).data,
+                            criteo.RANGES, "config.data")
   bad = tmp_path / "bad.tsv"
   bad.write_text("1\t2\t3\n")
   with pytest.raises(ConfigError, match="fields"):

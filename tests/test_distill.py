@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 
+from codistill_jax import distill as distill_lib
 from codistill_jax import losses
 from codistill_jax import step as step_lib
 
@@ -40,9 +41,9 @@ def _setup(alpha=1.0, burn_in=0, student_dropout=0.0, teacher_dropout=0.0,
     loss = task_weight * task(logits, b["labels"], b["weights"])
     return loss, {"task_loss": loss}
 
-  distill = step_lib.Distill(teacher.apply,
-                             losses.alpha_schedule(alpha, burn_in),
-                             divergence=divergence, temperature=t)
+  distill = distill_lib.Dense(teacher.apply,
+                              losses.alpha_schedule(alpha, burn_in),
+                              divergence=divergence, temperature=t)
   step = step_lib.make_train_step(student.apply, loss_fn, tx, distill=distill)
   plain = step_lib.make_train_step(student.apply, loss_fn, tx)
   return state, batch, teachers, jax.jit(step), jax.jit(plain)

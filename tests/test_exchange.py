@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from codistill_jax import checkpoint
 from codistill_jax import exchange
+from codistill_jax import paths
 from codistill_jax import mesh as mesh_lib
 
 
@@ -64,7 +66,7 @@ def publish(exchange_dir, group, step, params, max_to_keep=3):
 
 
 def step_dir(exchange_dir, group, step):
-  return os.path.join(exchange.published_dir(str(exchange_dir), group),
+  return os.path.join(paths.published_dir(str(exchange_dir), group),
                       str(step))
 
 
@@ -227,7 +229,7 @@ def test_reader_only_ever_holds_committed_steps_of_a_concurrent_writer(
       pub.close()
 
   reader = make_reader(tmp_path, [0], abstract_of(step_tree(0), reader_mesh()))
-  published = exchange.published_dir(str(tmp_path), 0)
+  published = paths.published_dir(str(tmp_path), 0)
   thread = threading.Thread(target=writer)
   thread.start()
   seen_steps, saw_uncommitted, last = set(), False, 0
@@ -268,7 +270,7 @@ def test_reader_only_ever_holds_committed_steps_of_a_concurrent_writer(
   # read, it followed several steps, and max_to_keep deleted old ones.
   assert saw_uncommitted
   assert len(seen_steps) >= 3, seen_steps
-  assert exchange.committed_steps(published) == list(
+  assert checkpoint.committed_steps(published) == list(
       range(num_steps - 2, num_steps + 1))
 
 
@@ -277,7 +279,7 @@ def test_uncommitted_orbax_tmp_directory_of_a_higher_step_is_ignored(
   exchange_dir, scratch = tmp_path / "exchange", tmp_path / "scratch"
   publish(exchange_dir, 0, 1, step_tree(1))
   publish(scratch, 0, 9, step_tree(9))
-  published = exchange.published_dir(str(exchange_dir), 0)
+  published = paths.published_dir(str(exchange_dir), 0)
   # A save of step 9 that wrote everything but was never renamed (orbax's own
   # tmp name), and a half-written step 12 (tmp name with a timestamp).
   complete_tmp = os.path.join(published, "9.orbax-checkpoint-tmp")
@@ -292,7 +294,7 @@ def test_uncommitted_orbax_tmp_directory_of_a_higher_step_is_ignored(
       os.remove(f)
     else:
       os.truncate(f, os.path.getsize(f) // 2)
-  assert exchange.committed_steps(published) == [1]
+  assert checkpoint.committed_steps(published) == [1]
 
   reader = make_reader(exchange_dir, [0],
                        abstract_of(step_tree(0), reader_mesh()))
@@ -349,8 +351,8 @@ def test_corrupt_peer_checkpoint_keeps_the_previous_teacher(tmp_path,
   before = reader.teachers()
   publish(tmp_path, 0, 2, big_tree(2))
   corrupt(tmp_path, 0, 2)
-  assert exchange.committed_steps(
-      exchange.published_dir(str(tmp_path), 0)) == [1, 2]
+  assert checkpoint.committed_steps(
+      paths.published_dir(str(tmp_path), 0)) == [1, 2]
 
   reader.refresh(block=True)  # Must not raise.
   slot = reader.slots[0]
@@ -475,14 +477,14 @@ def test_teacher_dtype_bfloat16_casts_float_params_only(tmp_path, make_reader):
 
 # 7. -------------------------------------------------------------------------
 def test_committed_steps(tmp_path, make_reader):
-  missing = exchange.published_dir(str(tmp_path / "nowhere"), 0)
-  assert exchange.committed_steps(missing) == []
+  missing = paths.published_dir(str(tmp_path / "nowhere"), 0)
+  assert checkpoint.committed_steps(missing) == []
   os.makedirs(tmp_path / "empty")
-  assert exchange.committed_steps(str(tmp_path / "empty")) == []
+  assert checkpoint.committed_steps(str(tmp_path / "empty")) == []
   publish(tmp_path, 0, 2, step_tree(2))
   publish(tmp_path, 0, 10, step_tree(10))
-  assert exchange.committed_steps(
-      exchange.published_dir(str(tmp_path), 0)) == [2, 10]  # Numeric order.
+  assert checkpoint.committed_steps(
+      paths.published_dir(str(tmp_path), 0)) == [2, 10]  # Numeric order.
   # A reader of an exchange dir that does not exist yet just holds nothing.
   reader = make_reader(tmp_path / "nowhere", [0],
                        abstract_of(step_tree(0), reader_mesh()))
@@ -504,8 +506,8 @@ def test_restarted_publisher_keeps_the_steps_it_replays(tmp_path,
     pub.wait()
   finally:
     pub.close()
-  assert exchange.committed_steps(
-      exchange.published_dir(str(tmp_path), 0)) == [1, 2, 3]
+  assert checkpoint.committed_steps(
+      paths.published_dir(str(tmp_path), 0)) == [1, 2, 3]
   reader = make_reader(tmp_path, [0], abstract_of(step_tree(0), reader_mesh()))
   reader.refresh(block=True)
   assert_tree_equal(teacher(reader.teachers(), 0), step_tree(3))

@@ -32,9 +32,11 @@ import numpy as np
 import optax
 import pytest
 
+from codistill_jax import checkpoint
 from codistill_jax import exchange
+from codistill_jax import paths
 from codistill_jax import metrics
-from codistill_jax import train
+from codistill_jax import build
 from tests.test_train import ROOT, assert_trees_equal, load_config
 from tests.test_train import restore_params
 
@@ -114,7 +116,7 @@ def ckpt_dir(workdir, group):
 
 
 def committed(directory):
-  return exchange.committed_steps(directory)
+  return checkpoint.committed_steps(directory)
 
 
 def uncommitted(directory):
@@ -181,9 +183,9 @@ def run_job_with_kills(workdir, num_groups, num_kills, rng):
           "groups": num_groups, "victim": victim, "kill_at": kill_at,
           "logged": last_step(workdir, victim), "time": time.time(),
           "checkpoints": committed(ckpt_dir(workdir, victim)),
-          "published": committed(exchange.published_dir(workdir, victim)),
+          "published": committed(paths.published_dir(workdir, victim)),
           "tmp_left": uncommitted(ckpt_dir(workdir, victim)) + uncommitted(
-              exchange.published_dir(workdir, victim)),
+              paths.published_dir(workdir, victim)),
           "others_at": {h: last_step(workdir, h) for h in others},
           "others_running": [h for h in others if procs[h].poll() is None]}
       # The others train on: wait for two more exchanges (or their end).
@@ -245,7 +247,7 @@ def check_job(workdir, num_groups):
     assert max(committed(ckpt_dir(workdir, g))) == TOTAL
     # What kills left half-written went when the group restarted.
     assert not uncommitted(ckpt_dir(workdir, g))
-    assert not uncommitted(exchange.published_dir(workdir, g))
+    assert not uncommitted(paths.published_dir(workdir, g))
     for h in set(range(num_groups)) - {g}:
       held = held_steps(workdir, g, h)
       assert held, (g, h)
@@ -380,7 +382,7 @@ def test_damaged_peer_checkpoints_are_skipped_by_a_reader_process(tmp_path):
   datasets = data_lib.get_module("flights").get_datasets(
       config, group=1, num_groups=2, process_index=0, process_count=1)
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  setup = train.build(config, datasets, mesh)
+  setup = build.build(config, datasets, mesh)
   params = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(
       jax.random.PRNGKey(1)).params
   scratch = str(tmp_path / "scratch")
@@ -389,9 +391,9 @@ def test_damaged_peer_checkpoints_are_skipped_by_a_reader_process(tmp_path):
     publisher.publish(s, params)
     publisher.wait()
   publisher.close()
-  source = exchange.published_dir(scratch, 1)
+  source = paths.published_dir(scratch, 1)
   shared = str(tmp_path / "shared")
-  target = exchange.published_dir(shared, 1)
+  target = paths.published_dir(shared, 1)
   os.makedirs(target)
 
   def drop(step, damage=None):

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+from codistill_jax import distill as distill_lib
 from codistill_jax import losses
 from codistill_jax import sampling
 from codistill_jax import step as step_lib
@@ -266,9 +267,15 @@ def _lm_step_setup(num_samples, proposal="dynamic", task_loss=True, topk=0,
         teacher_output_embedding=model.output_embedding,
         num_samples=num_samples, proposal=proposal, task_loss=task_loss,
         proposal_positions=8)
-  distill = step_lib.Distill(None if precomputed else model.apply,
-                             losses.alpha_schedule(1.0, 0), topk=topk,
-                             sampled=sampled)
+  alpha = losses.alpha_schedule(1.0, 0)
+  if sampled is not None:
+    distill = distill_lib.Sampled(sampled, alpha)
+  elif precomputed:
+    distill = distill_lib.Precomputed(alpha)
+  elif topk:
+    distill = distill_lib.TopK(model.apply, alpha, k=topk)
+  else:
+    distill = distill_lib.Dense(model.apply, alpha)
   loss_fn = step_lib.make_loss_fn(losses.task_loss("softmax_xent"))
   step = jax.jit(step_lib.make_train_step(model.apply, loss_fn, tx,
                                           distill=distill))

@@ -28,6 +28,8 @@ from codistill_jax import data as data_lib
 from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics as metrics_lib
+from codistill_jax import build
+from codistill_jax import teachers as teachers_lib
 from codistill_jax import train
 from codistill_jax.service import pool as pool_lib
 from codistill_jax.service import reader as reader_lib
@@ -80,9 +82,11 @@ def id_batches(datasets, n):
 
 
 def in_process_targets(config, datasets, batches):
-  """The trainer's in-process teacher (train.fixed_teacher) on `batches`."""
+  """The trainer's in-process teacher (teachers.FromCheckpoint) on `batches`."""
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  apply_fn, teachers = train.fixed_teacher(config, datasets, mesh)
+  setup = build.build(config, datasets, mesh)
+  apply_fn = build.teacher_model(config, datasets.info).apply
+  teachers = teachers_lib.FromCheckpoint(config, setup=setup).teachers
   cd = config.codistill
 
   @jax.jit
@@ -469,7 +473,8 @@ def test_without_ray_the_error_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, name)
   monkeypatch.delattr(codistill_jax, "service")
   with pytest.raises(ConfigError, match=r"pip install -e \.\[service\]"):
-    train.teacher_service(config, None)
+    teachers_lib.FromService(config, setup=None, shared={},
+                             example_batch=None)
 
 
 @pytest.mark.slow

@@ -79,3 +79,61 @@ def test_eval_step_is_deterministic_and_predict_gives_probabilities():
   probs = step_lib.make_predict(model.apply, binary=True)(params,
                                                           batch["inputs"])
   assert probs.shape == (64,) and bool(jnp.all((probs > 0) & (probs < 1)))
+
+
+def test_golden_train_step_with_distillation():
+  """One step, fixed params, teachers and batch: loss and updates pinned.
+
+  The loss is also recomputed in float64 numpy from its definition (task
+  cross-entropy + alpha * KL to the mean teacher probabilities, padding
+  masked); the updated values are golden: a change in the step's arithmetic
+  (the divergence, its scaling, the reduction, the optimizer wiring) moves
+  them.
+  """
+  from codistill_jax import distill  # pylint: disable=g-import-not-at-top
+  from codistill_jax import losses  # pylint: disable=g-import-not-at-top
+
+  def apply_fn(p, x, train=False, rngs=None):
+    del train, rngs
+    return x @ p["params"]["w"] + p["params"]["b"][None]
+
+  w0 = np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3)
+  params = {"params": {"w": w0, "b": np.array([0.1, -0.2, 0.3], np.float32)}}
+  tw = np.stack([np.full((4, 3), 0.5, np.float32) * np.arange(3),
+                 np.eye(4, 3, dtype=np.float32)]).astype(np.float32)
+  teachers = step_lib.Teachers(
+      {"params": {"w": tw, "b": np.zeros((2, 3), np.float32)}},
+      np.ones(2, np.float32))
+  batch = {"inputs": np.arange(20, dtype=np.float32).reshape(5, 4) / 10 - 1,
+           "labels": np.array([0, 1, 2, 1, 0], np.int32),
+           "weights": np.array([1, 1, 1, 1, 0], np.float32)}  # One padding.
+  tx = optax.sgd(0.1)
+  state = step_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      opt_state=tx.init(params), rng=jnp.zeros(2, jnp.uint32))
+  term = distill.Dense(apply_fn, losses.alpha_schedule(0.5, 0))
+  train_step = jax.jit(step_lib.make_train_step(
+      apply_fn, step_lib.make_loss_fn(losses.task_loss("softmax_xent")), tx,
+      distill=term))
+  new, m = train_step(state, batch, teachers)
+
+  def softmax(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+  x, w = batch["inputs"].astype(np.float64), batch["weights"]
+  p = softmax(x @ w0 + params["params"]["b"])
+  task = -(np.log(p[np.arange(5), batch["labels"]]) * w).sum() / w.sum()
+  pt = np.mean([softmax(x @ tw[i]) for i in range(2)], 0)
+  kl = ((pt * (np.log(pt) - np.log(p))).sum(-1) * w).sum() / w.sum()
+  np.testing.assert_allclose(float(m["task_loss"]), task, rtol=1e-6)
+  np.testing.assert_allclose(float(m["distill_loss"]), kl, rtol=1e-5)
+  np.testing.assert_allclose(float(m["loss"]), task + 0.5 * kl, rtol=1e-6)
+  # Golden values (float32, this step's arithmetic).
+  np.testing.assert_allclose(float(m["loss"]), 1.0832073688, rtol=1e-6)
+  np.testing.assert_allclose(float(m["grad_norm"]), 0.3866543472, rtol=1e-5)
+  np.testing.assert_allclose(new.params["params"]["w"][0],
+                             [-1.0033084, -0.8193132, -0.6319238], rtol=1e-6)
+  np.testing.assert_allclose(new.params["params"]["b"],
+                             [0.08357784, -0.17143714, 0.28785932], rtol=1e-6)
+  assert int(new.step) == 1 and float(m["alpha"]) == 0.5

@@ -12,6 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from codistill_jax import build
+from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics
@@ -22,12 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg="quick"):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      name, os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  """configs/<name>.py:arg, unlocked so that tests may adjust it."""
+  return config_lib.load(f"{config_lib.config_path(name)}:{arg or ''}",
+                         lock=False)
 
 
 def run_cli(workdir, config, *overrides, timeout=300, wait=True):
@@ -153,7 +152,7 @@ def test_state_and_batch_are_laid_out_as_the_rules_say():
   mesh = mesh_lib.make_mesh(jax.devices())
   datasets = data_lib.get_module("flights").get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)
-  setup = train.build(config, datasets, mesh)
+  setup = build.build(config, datasets, mesh)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(
       jax.random.PRNGKey(0))
   flat = jax.tree_util.tree_flatten_with_path(state.params)[0]

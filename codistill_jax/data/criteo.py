@@ -29,7 +29,9 @@ import os
 
 import numpy as np
 
-from codistill_jax.data import common
+from codistill_jax.data import order
+from codistill_jax.data import pipeline
+from codistill_jax.data import sources
 from codistill_jax.errors import ConfigError
 
 NUM_DENSE = 13
@@ -40,16 +42,13 @@ _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
 
 
+# Ranges of this module's config.data fields (config_lib.check_ranges):
+# id 0 of every hashed column is reserved for empty fields; max_rows 0 = all.
+RANGES = {"hash_buckets": ">= 2", "max_rows": ">= 0"}
+
+
 def check(config) -> None:
   """Cheap checks: the file exists, sizes are sane."""
-  common.check_batch_sizes(config)
-  common.check_positive(config, "hash_buckets")
-  if config.data.hash_buckets < 2:
-    raise ConfigError(f"config.data.hash_buckets={config.data.hash_buckets}: "
-                      "need at least 2 (id 0 is reserved for empty fields)")
-  if config.data.max_rows < 0:
-    raise ConfigError(f"config.data.max_rows={config.data.max_rows}: use 0 "
-                      "for all rows or a positive count")
   path = config.data.path
   if not path or not os.path.isfile(path):
     raise ConfigError(f"config.data.path={path!r}: no such file; set "
@@ -84,7 +83,7 @@ def hash_column(values: np.ndarray, column: int, buckets: int) -> np.ndarray:
   empty = pd.isna(values)
   strings = np.where(empty, "", values).astype(str)
   empty |= strings == ""
-  mixed = common.mix64(fnv1a(strings) ^ np.uint64(common.hash_key(column)))
+  mixed = order.mix64(fnv1a(strings) ^ np.uint64(order.hash_key(column)))
   ids = 1 + mixed % np.uint64(buckets - 1)
   return np.where(empty, 0, ids).astype(np.int32)
 
@@ -96,7 +95,7 @@ def read(path: str, hash_buckets: int, max_rows: int = 0) -> tuple[
   Cached in-process (one entry: a process driving several groups parses the
   file once), keyed by the file's size and mtime; do not modify the arrays.
   """
-  return _read(path, common.file_stamp(path), hash_buckets, max_rows)
+  return _read(path, sources.file_stamp(path), hash_buckets, max_rows)
 
 
 @functools.lru_cache(maxsize=1)
@@ -154,20 +153,20 @@ def _gather(cat, dense, labels, index: np.ndarray) -> dict:
 
 
 def get_datasets(config, *, group: int, num_groups: int, process_index: int,
-                 process_count: int) -> common.Datasets:
+                 process_count: int) -> pipeline.Datasets:
   check(config)
   cat, dense, labels = read(config.data.path, config.data.hash_buckets,
                             config.data.max_rows)
-  rows = common.split_indices(
-      len(labels), common.fraction_sizes(len(labels), SPLIT_FRACTIONS),
+  rows = order.split_indices(
+      len(labels), order.fraction_sizes(len(labels), SPLIT_FRACTIONS),
       config.data.get("split_seed", 0))
-  splits = {name: common.ArraySplit(len(r), functools.partial(
+  splits = {name: pipeline.ArraySplit(len(r), functools.partial(
       _gather, cat[r], dense[r], labels[r])) for name, r in rows.items()}
   info = {
       "cardinalities": (config.data.hash_buckets,) * NUM_CAT,
       "num_dense": NUM_DENSE,
       "positive_rate": float(labels[rows["train"]].mean()),
   }
-  return common.assemble(config, splits, info, group=group,
+  return pipeline.assemble(config, splits, info, group=group,
                          num_groups=num_groups, process_index=process_index,
                          process_count=process_count)

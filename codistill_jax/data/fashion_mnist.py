@@ -19,7 +19,9 @@ import os
 
 import numpy as np
 
-from codistill_jax.data import common
+from codistill_jax.data import order
+from codistill_jax.data import pipeline
+from codistill_jax.data import sources
 from codistill_jax.errors import ConfigError
 
 DEFAULT_PATH = "/usr/share/datasets/fashion-mnist"
@@ -35,10 +37,12 @@ _LABELS_MAGIC = 0x00000801
 _IMAGES_MAGIC = 0x00000803
 
 
+# Ranges of this module's config.data fields (config_lib.check_ranges).
+RANGES = {"validation_size": "> 0"}
+
+
 def check(config) -> None:
   """Cheap checks: the four files exist, sizes are positive."""
-  common.check_batch_sizes(config)
-  common.check_positive(config, "validation_size")
   path = config.data.path
   if not os.path.isdir(path):
     raise ConfigError(f"config.data.path={path}: no such directory; install "
@@ -73,7 +77,7 @@ def load(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   Cached in-process (a process driving several groups reads the files once)
   and keyed by the files' sizes and mtimes; the arrays must not be modified.
   """
-  stamps = tuple(common.file_stamp(os.path.join(path, f))
+  stamps = tuple(sources.file_stamp(os.path.join(path, f))
                  for f in sum(FILES.values(), ()))
   return _load(path, stamps)
 
@@ -101,7 +105,7 @@ def _gather(images: np.ndarray, labels: np.ndarray, mean: float, std: float,
 
 
 def get_datasets(config, *, group: int, num_groups: int, process_index: int,
-                 process_count: int) -> common.Datasets:
+                 process_count: int) -> pipeline.Datasets:
   check(config)
   files = load(config.data.path)
   images, labels = files["train"]
@@ -109,7 +113,7 @@ def get_datasets(config, *, group: int, num_groups: int, process_index: int,
     raise ConfigError(f"config.data.validation_size="
                       f"{config.data.validation_size} leaves no training "
                       f"examples of {len(images)}")
-  rows = common.split_indices(len(images),
+  rows = order.split_indices(len(images),
                               {"validation": config.data.validation_size},
                               config.data.get("split_seed", 0))
   data = {name: (images[rows[name]], labels[rows[name]])
@@ -117,11 +121,11 @@ def get_datasets(config, *, group: int, num_groups: int, process_index: int,
   data["test"] = files["test"]
   train_pixels = data["train"][0].astype(np.float32) / 255.0
   mean, std = float(train_pixels.mean()), float(train_pixels.std())
-  splits = {name: common.ArraySplit(len(y), functools.partial(
+  splits = {name: pipeline.ArraySplit(len(y), functools.partial(
       _gather, x, y, mean, std)) for name, (x, y) in data.items()}
   info = {"num_classes": len(CLASS_NAMES), "class_names": CLASS_NAMES,
           "image_shape": (*images.shape[1:], 1), "pixel_mean": mean,
           "pixel_std": std}
-  return common.assemble(config, splits, info, group=group,
+  return pipeline.assemble(config, splits, info, group=group,
                          num_groups=num_groups, process_index=process_index,
                          process_count=process_count)

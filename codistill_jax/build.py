@@ -1,0 +1,220 @@
+"""From a config to the pieces a run computes with, built once (no compute).
+
+The model, the optimizer, the abstract state laid out on a group's mesh, the
+teacher model, the distillation term, and the jitted train / eval / predict
+steps. The trainer, `compile_check` (which lowers the very same jitted step
+ahead of time), `churn`, the teacher service, `store_targets` and the
+experiments all build through here, so they cannot drift apart.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from codistill_jax import distill as distill_lib
+from codistill_jax import losses
+from codistill_jax import mesh as mesh_lib
+from codistill_jax import metrics as metrics_lib
+from codistill_jax import models as models_lib
+from codistill_jax import optim
+from codistill_jax import sampling
+from codistill_jax import step as step_lib
+from codistill_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """A group's model, optimizer and abstract state, sharded on its mesh."""
+  model: Any
+  tx: Any
+  lr_fn: Callable
+  init_fn: Callable  # rng -> TrainState; jit it with out_shardings.
+  abstract: Any  # TrainState of ShapeDtypeStructs carrying the shardings.
+  state_sharding: Any
+  info: Any  # The dataset's info (vocab_size, unigram counts, ...).
+  example: Any  # One-example zeros of the inputs (for init).
+  mesh: Any
+
+
+def example_inputs(batch) -> Any:
+  """One-example zeros with the batch's per-example shapes (for init)."""
+  return jax.tree.map(lambda x: np.zeros((1,) + x.shape[1:], x.dtype),
+                      batch["inputs"])
+
+
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` carrying `shardings` (a matching tree,
+  or one sharding for every leaf)."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, abstract)
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract, shardings)
+
+
+def build(config: ml_collections.ConfigDict, datasets, mesh) -> Setup:
+  """Model, optimizer and state layout for `config` on `mesh` (no compute)."""
+  model = models_lib.build(config.model_name, config.model.to_dict(),
+                           datasets.info)
+  tx, lr_fn = optim.make_optimizer(config.optimizer, config.total_steps)
+  example = example_inputs(next(iter(datasets.train(0))))
+  init_fn = functools.partial(step_lib.init_state, model, tx,
+                              example_inputs=example)
+  abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+  state_sharding = mesh_lib.tree_shardings(
+      mesh, abstract, config.sharding.rules, config.sharding.fsdp_min_size)
+  return Setup(model, tx, lr_fn, init_fn,
+               with_shardings(abstract, state_sharding), state_sharding,
+               datasets.info, example, mesh)
+
+
+# ----------------------------------------------------------------------------
+# Teachers.
+# ----------------------------------------------------------------------------
+def teacher_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
+  """(model name, kwargs) of the teacher: the one answer to "which model".
+
+  Peers are copies of the student. A fixed teacher (checkpoint, service,
+  stored targets) is `codistill.teacher_model_name` / `teacher_model` when
+  named, else the student's architecture.
+  """
+  cd = config.codistill
+  if cd.teacher_source != "peers" and cd.teacher_model_name:
+    return cd.teacher_model_name, cd.teacher_model.to_dict()
+  return config.model_name, config.model.to_dict()
+
+
+def teacher_model(config: ml_collections.ConfigDict, info) -> Any:
+  """The teacher's Flax module (see `teacher_spec`)."""
+  name, kwargs = teacher_spec(config)
+  return models_lib.build(name, kwargs, info)
+
+
+def abstract_params(model, example, sharding) -> Any:
+  """`model`'s params as ShapeDtypeStructs on `sharding` (no compute)."""
+  params = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), example, train=False))
+  return with_shardings(params, sharding)
+
+
+def stacked(abstract: Any, n: int, dtype: Any, sharding) -> step_lib.Teachers:
+  """Abstract `Teachers` of `n` stacked copies of `abstract` params.
+
+  Float leaves are cast to `dtype` (config.codistill.teacher_dtype).
+  """
+  cast = lambda a: (jnp.dtype(dtype) if jnp.issubdtype(a.dtype, jnp.floating)
+                    else a.dtype)
+  return with_shardings(step_lib.Teachers(
+      params=jax.tree.map(lambda a: jax.ShapeDtypeStruct((n, *a.shape),
+                                                         cast(a)), abstract),
+      weights=jax.ShapeDtypeStruct((n,), np.float32)), sharding)
+
+
+# ----------------------------------------------------------------------------
+# The distillation term and the jitted steps.
+# ----------------------------------------------------------------------------
+def sampled_head(config, setup: Setup, teacher) -> sampling.SampledHead:
+  """The `sampling.SampledHead` of config.codistill.sampled.
+
+  Args:
+    config: the experiment config (num_samples > 0).
+    setup: the student's.
+    teacher: the teachers' Flax module (the student's architecture for
+      peers); it provides `hidden` and `output_embedding`.
+  """
+  sm = config.codistill.sampled
+  student = setup.model
+  vocab = student.output_embedding(setup.abstract.params)[0].shape[-1]
+  if sm.num_samples > vocab:
+    raise ConfigError(f"config.codistill.sampled.num_samples={sm.num_samples}"
+                      f" exceeds the {vocab} output classes; use at most "
+                      f"{vocab}")
+  unigram = None
+  if sm.proposal == "unigram":
+    if "unigram" not in (setup.info or {}):
+      raise ConfigError("config.codistill.sampled.proposal='unigram': data "
+                        f"{config.data.name!r} gives no class counts; use "
+                        "'dynamic'")
+    unigram = np.asarray(setup.info["unigram"], np.float32)
+
+  def hidden_fn(module):
+    return lambda p, x, train=False, rngs=None: module.apply(
+        p, x, train=train, rngs=rngs, method="hidden")
+
+  return sampling.SampledHead(
+      hidden_fn=hidden_fn(student), output_embedding=student.output_embedding,
+      teacher_hidden_fn=hidden_fn(teacher),
+      teacher_output_embedding=teacher.output_embedding,
+      num_samples=sm.num_samples, proposal=sm.proposal,
+      prior_mix=sm.prior_mix, uniform_mix=sm.uniform_mix,
+      proposal_positions=sm.proposal_positions, unigram=unigram,
+      task_loss=sm.task_loss)
+
+
+def distill_term(config, setup: Setup, teacher: Any = None,
+                 precomputed: bool = False):
+  """The distillation term of `config.codistill` (None: plain training).
+
+  Args:
+    config: the experiment config.
+    setup: the student's.
+    teacher: the Flax module of in-process teachers, or None.
+    precomputed: the targets arrive in `batch['teacher']` instead.
+  """
+  if teacher is None and not precomputed:
+    return None
+  cd = config.codistill
+  alpha = losses.alpha_schedule(cd.alpha, cd.burn_in_steps,
+                                cd.alpha_ramp_steps)
+  binary = config.loss == "sigmoid_xent"
+  if precomputed:
+    return distill_lib.Precomputed(alpha, cd.divergence, cd.temperature,
+                                   binary, cd.topk_mode)
+  if cd.sampled.num_samples:
+    return distill_lib.Sampled(sampled_head(config, setup, teacher), alpha,
+                               cd.divergence, cd.temperature)
+  if cd.topk:
+    return distill_lib.TopK(teacher.apply, alpha, cd.divergence,
+                            cd.temperature, binary, k=cd.topk,
+                            topk_mode=cd.topk_mode)
+  return distill_lib.Dense(teacher.apply, alpha, cd.divergence,
+                           cd.temperature, binary)
+
+
+def jit_train_step(config, setup: Setup, term=None,
+                   arg_shardings: tuple = ()):
+  """A group's train step, jitted with its shardings (compiled on first use).
+
+  Args:
+    config: the experiment config.
+    setup: the group's.
+    term: the distillation term (`distill_term`), or None.
+    arg_shardings: shardings of the step's extra arguments (the stacked
+      teachers of in-process distillation).
+  """
+  loss_fn = step_lib.make_loss_fn(losses.task_loss(config.loss))
+  mesh = setup.mesh
+  return jax.jit(
+      step_lib.make_train_step(setup.model.apply, loss_fn, setup.tx,
+                               setup.lr_fn, term),
+      in_shardings=(setup.state_sharding, mesh_lib.batch_sharding(mesh),
+                    *arg_shardings),
+      out_shardings=(setup.state_sharding, mesh_lib.replicated(mesh)),
+      donate_argnums=(0,))
+
+
+def jit_eval_step(config, setup: Setup, predictions: bool = False):
+  """`eval_step(params, batch)`: metric sums, or per-example predictions for
+  comparing models (ensembles, churn), jitted on the group's mesh."""
+  fn = (metrics_lib.predictions_fn(config.loss) if predictions
+        else metrics_lib.eval_metrics_fn(config.loss))
+  return jax.jit(
+      step_lib.make_eval_step(setup.model.apply, fn),
+      in_shardings=(setup.state_sharding.params,
+                    mesh_lib.batch_sharding(setup.mesh)),
+      out_shardings=mesh_lib.replicated(setup.mesh))

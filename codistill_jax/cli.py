@@ -1,0 +1,208 @@
+"""What every command shares: the config flag, and one line for bad input.
+
+`define_config_flag()` gives `--config=file.py[:arg]` plus `--config.a.b=v`
+overrides (ml_collections `config_flags`), with files loaded by
+`config_lib.load_file`. `run(main)` is `absl.app.run` where bad input of
+any kind -- a flag, a config file that does not load, an override of no
+field, a ConfigError from the library, storage that refuses a write -- ends
+with one `error: ...` line on stderr and exit code 2, and `--help` exits 0.
+Anything else is an internal error and raises normally.
+"""
+
+import errno
+import logging as pylogging
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from codistill_jax import config_lib
+from codistill_jax.errors import ConfigError
+from codistill_jax.errors import StorageError
+
+# The filesystem refusing a write (a full, read-only or missing workdir).
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_REFUSED = _FULL + (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """Loads `--config=file.py[:arg]` with config_lib (one-line errors), locked.
+
+  Stands in for config_flags' own parser, which turns a file that does not
+  load into a traceback on first use of the config.
+  """
+
+  def parse(self, argument):
+    config = config_lib.load_file(argument)
+    config.lock()
+    return config
+
+  def flag_type(self):
+    return "config object"
+
+
+def define_config_flag(name: str = "config") -> flags.FlagHolder:
+  """`--config=file.py[:arg]` with `--config.a.b=value` overrides."""
+  holder = config_flags.DEFINE_config_file(
+      name, None, "Experiment config file, optionally with ':arg'; override "
+      "fields with --config.a.b=value.", lock_config=True)
+  flags.FLAGS[name].parser = _ConfigFileParser()
+  return holder
+
+
+def fail(message: str, code: int = 2) -> None:
+  """Prints `error: message` (one line) and exits with `code`."""
+  print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _fail_now(message: str) -> None:
+  """`fail` for a write that failed mid-run: skips the interpreter's exit.
+
+  Orbax's writer threads of the failed save are still unwinding; a normal
+  exit would print their errors after ours. Nothing they hold is committed.
+  """
+  print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(2)  # pylint: disable=protected-access
+
+
+def _one_line(text) -> str:
+  return " ".join(str(text).replace("\\'", "'").split())
+
+
+def _config_error_in(e: BaseException) -> ConfigError | None:
+  """The ConfigError that `e` wraps (absl re-raises parser errors)."""
+  while e is not None:
+    if isinstance(e, ConfigError):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def flag_error(e: Exception) -> str:
+  """One line for an error raised while parsing flags or the config."""
+  wrapped = _config_error_in(e)
+  if wrapped is not None:
+    return str(wrapped)
+  text = _one_line(e)
+  unknown = re.search(r"'([\w.]+)'.*?(Did you mean [^?]*\?)", text)
+  cause = e.__cause__ or e.__context__
+  if isinstance(e, KeyError) or isinstance(cause, KeyError) or unknown:
+    name = re.search(r"'([\w.]+)'", text)
+    field = unknown.group(1) if unknown else name.group(1) if name else text
+    hint = f"; {unknown.group(2)}" if unknown else ""
+    return f"unknown config field {field!r}{hint}"
+  return f"bad flag: {text}"
+
+
+def _parse_flags(argv: Sequence[str], required: Sequence[str]):
+  """absl's parser, but bad flags give one line and exit 2; --help exits 0."""
+  if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
+    print(flags.FLAGS.main_module_help() if "--helpfull" not in argv
+          else flags.FLAGS.get_help(), flush=True)
+    sys.exit(0)
+  try:
+    rest = flags.FLAGS(argv)
+    for name in required:
+      value = flags.FLAGS[name].value
+      if value is None or value == "":
+        fail(f"--{name} is required")
+      if hasattr(value, "keys"):
+        value.keys()  # A config that failed to load raises on first use.
+  except (flags.Error, KeyError, OSError, AttributeError, TypeError,
+          ValueError) as e:
+    fail(flag_error(e))
+  if len(rest) > 1:
+    fail(f"unexpected arguments {rest[1:]}; config overrides are flags: "
+         "--config.a.b=value")
+  return rest
+
+
+def parse_groups(values: Sequence[str] | None) -> list[int] | None:
+  """`--groups=0,1` -> [0, 1] (None: all groups)."""
+  if values is None:
+    return None
+  if not values or not all(v.strip().isdigit() for v in values):
+    raise ConfigError(f"--groups={','.join(values)} must be group indices, "
+                      "e.g. --groups=0,1")
+  return [int(v) for v in values]
+
+
+def init_distributed(address: str | None, num_processes: int | None,
+                     process_id: int | None) -> None:
+  """Joins a multi-process JAX job (`jax.distributed`), or does nothing.
+
+  Args:
+    address: host:port of process 0, 'auto' (the cluster's environment
+      says: SLURM, Cloud TPU VMs), or None / '' for one process.
+    num_processes: processes in the job (with a host:port address).
+    process_id: this process's index (with a host:port address).
+  """
+  if not address:
+    if num_processes not in (None, 1) or process_id not in (None, 0):
+      raise ConfigError("--num_processes/--process_id need "
+                        "--coordinator_address=host:port (or 'auto')")
+    return
+  if address != "auto":
+    if num_processes is None or process_id is None:
+      raise ConfigError("--coordinator_address needs --num_processes and "
+                        "--process_id (or use --coordinator_address=auto on "
+                        "SLURM or Cloud TPU VMs)")
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ConfigError(f"--process_id={process_id} must be in [0, "
+                        f"--num_processes={num_processes})")
+    if not re.fullmatch(r"[\w.\-\[\]:]+:\d+", address):
+      raise ConfigError(f"--coordinator_address={address} must be host:port "
+                        "or 'auto'")
+  import jax  # pylint: disable=g-import-not-at-top
+  platforms = str(jax.config.jax_platforms or "cpu")
+  if "cpu" in platforms:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if address == "auto":
+    jax.distributed.initialize()
+  else:
+    jax.distributed.initialize(address, num_processes, process_id)
+
+
+class _QuietLibraries(pylogging.Filter):
+  """Drops INFO chatter of Orbax internals; keeps warnings and ours."""
+
+  def filter(self, record):
+    if "/orbax/" not in record.pathname:
+      return True
+    # Orbax warns about a missing per-item metadata file that its own
+    # CheckpointManager never writes; keep every other warning.
+    return (record.levelno >= pylogging.WARNING and
+            "Metadata file does not exist" not in record.getMessage())
+
+
+def run(main: Callable[[list[str]], None],
+        required: Sequence[str] = ()) -> None:
+  """`app.run(main)` with one-line errors for bad input (see module doc)."""
+
+  def guarded(argv):
+    pylogging.getLogger("absl").addFilter(_QuietLibraries())
+    try:
+      main(argv)
+    except StorageError as e:
+      _fail_now(str(e))
+    except ConfigError as e:
+      fail(str(e))
+    except OSError as e:
+      if e.errno not in _REFUSED or not e.filename:
+        raise
+      fix = ("free space or point --workdir at a filesystem with room"
+             if e.errno in _FULL else
+             "point --workdir at a writable directory")
+      _fail_now(f"cannot write {e.filename}: {e.strerror}; {fix}, then "
+                "rerun the same command: it resumes from the last committed "
+                "checkpoint")
+    except FloatingPointError as e:
+      fail(str(e), code=1)
+
+  app.run(guarded, flags_parser=lambda argv: _parse_flags(argv, required))

@@ -1,0 +1,50 @@
+"""Where a run's files live: the one definition of the run-directory layout.
+
+  WORKDIR/config.json                      the run's config (its identity)
+  WORKDIR/group_<g>/checkpoints/<step>/    own TrainState checkpoints (Orbax)
+  WORKDIR/group_<g>/metrics.jsonl          every metric; TensorBoard events
+                                           beside it
+  WORKDIR/ensemble/                        ensemble and agreement metrics
+  WORKDIR/logs/                            per-process logs of the launcher
+  EXCHANGE_DIR/group_<g>/published/<step>/ params a group publishes for its
+                                           peers (EXCHANGE_DIR defaults to
+                                           WORKDIR)
+
+Every command, test and experiment builds these paths here, so the layout
+changes in one place.
+"""
+
+import os
+
+
+def config_file(workdir: str) -> str:
+  return os.path.join(workdir, "config.json")
+
+
+def group_dir(workdir: str, group: int) -> str:
+  return os.path.join(workdir, f"group_{group}")
+
+
+def checkpoints_dir(workdir: str, group: int) -> str:
+  return os.path.join(group_dir(workdir, group), "checkpoints")
+
+
+def metrics_file(workdir: str, group: int) -> str:
+  return os.path.join(group_dir(workdir, group), "metrics.jsonl")
+
+
+def ensemble_dir(workdir: str) -> str:
+  return os.path.join(workdir, "ensemble")
+
+
+def logs_dir(workdir: str) -> str:
+  return os.path.join(workdir, "logs")
+
+
+def published_dir(exchange_dir: str, group: int) -> str:
+  return os.path.join(exchange_dir, f"group_{group}", "published")
+
+
+def exchange_dir(config, workdir: str) -> str:
+  """config.codistill.exchange_dir, or the workdir when it is ''."""
+  return config.codistill.exchange_dir or workdir

@@ -1,0 +1,398 @@
+"""Where a group's teachers come from: one small protocol, one class per source.
+
+`config.codistill.teacher_source` picks the class (`SOURCES`). The trainer
+holds one source per group and calls each hook once per phase:
+
+  layout(config, setup, batch)  (classmethod) what the step is compiled for:
+                  the teachers' model (None when targets arrive in the
+                  batch), the step's extra arguments and extra batch entries,
+                  as ShapeDtypeStructs on the group's mesh; `compile_check`
+                  uses it without building a source.
+  wrap(batches)   the group's batch stream (the service and the store add
+                  `batch['teacher']`).
+  step_args()     the step's extra arguments this step (stacked `Teachers`).
+  share(step, params)   after every group's step: publish own params (peers).
+  refresh(step)   after every group shared: pick up new teachers (peers).
+  metrics(step)   scalars for the log at a log step.
+  close()
+
+  NoTeachers      plain training (one group, or nothing to distil from).
+  Peers           codistillation: the other groups' newest committed params
+                  on shared storage (Anil et al. 2018).
+  FromCheckpoint  two-phase distillation from a trained teacher of any
+                  architecture, in this process.
+  FromService     the same teacher served by a pool of Ray workers
+                  (EDL-Dist; the `service` extra).
+  FromStore       the teacher's targets written once by
+                  `python -m codistill_jax.target_store`; the teacher never
+                  runs in training.
+
+A new source is one class here and an entry in `SOURCES`.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+
+from codistill_jax import build
+from codistill_jax import cadence
+from codistill_jax import checkpoint as ckpt_lib
+from codistill_jax import config_lib
+from codistill_jax import exchange
+from codistill_jax import mesh as mesh_lib
+from codistill_jax import step as step_lib
+from codistill_jax.errors import ConfigError
+
+TEACHER_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What a group's train step is compiled for, given its teacher source."""
+  distills: bool = False  # Whether the step has a distillation term.
+  teacher: Any = None  # Flax module of in-process teachers; None: in batch.
+  args: tuple = ()  # Abstract extra step arguments, with shardings.
+  batch: dict = dataclasses.field(default_factory=dict)  # Extra batch keys.
+
+  @property
+  def arg_shardings(self) -> tuple:
+    return tuple(jax.tree.map(lambda a: a.sharding, a) for a in self.args)
+
+
+class Source:
+  """The protocol, with the hooks' do-nothing defaults."""
+
+  @classmethod
+  def layout(cls, config, setup: build.Setup, batch: dict) -> Layout:
+    del config, setup, batch
+    return Layout()
+
+  def wrap(self, batches: Iterator[dict]) -> Iterator[dict]:
+    return batches
+
+  def step_args(self) -> tuple:
+    return ()
+
+  def share(self, step: int, params: Any) -> None:
+    del step, params
+
+  def refresh(self, step: int) -> None:
+    del step
+
+  def metrics(self, step: int) -> dict[str, float]:
+    del step
+    return {}
+
+  def close(self) -> None:
+    pass
+
+
+class NoTeachers(Source):
+  """Plain training: the synchronous data-parallel baseline."""
+
+
+# ----------------------------------------------------------------------------
+# Peers: codistillation through shared storage.
+# ----------------------------------------------------------------------------
+class Peers(Source):
+  """The other groups' newest committed params, refreshed every exchange.
+
+  Every `codistill.exchange_every` steps the group publishes its params
+  (through the job's `storage.Storage`) and reloads its peers' newest
+  committed ones (`exchange.PeerReader`, in the background unless
+  `exchange_blocking`); halfway between exchanges it looks again for saves
+  that had not committed yet (bounds staleness at ~1.5 intervals).
+  """
+
+  def __init__(self, config, *, group: int, setup: build.Setup, storage,
+               total_steps: int, params: Any):
+    cd = config.codistill
+    self.group, self.storage, self.total = group, storage, total_steps
+    self.every, self.blocking = cd.exchange_every, cd.exchange_blocking
+    peers = [h for h in range(cd.num_groups) if h != group]
+    self.reader = exchange.PeerReader(storage.exchange_dir, peers,
+                                      setup.abstract.params, cd.teacher_dtype)
+    # A resumed group picks up what its peers published; with the blocking
+    # exchange before its first step, so that a resumed run is exact.
+    self.reader.refresh(block=self.blocking)
+    exchange.warm_up(params)
+    self.blocked_s = 0.0  # Host time the loop spent in the exchange.
+    self._wall0 = None  # When the loop took its first teachers.
+
+  @classmethod
+  def layout(cls, config, setup, batch):
+    del batch
+    cd = config.codistill
+    abstract = stacked_layout(setup.abstract.params, cd.num_groups - 1,
+                              cd.teacher_dtype)
+    return Layout(distills=True, teacher=setup.model, args=(abstract,))
+
+  def _timed(self, fn, *args, **kwargs):
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    self.blocked_s += time.perf_counter() - t
+    return out
+
+  def step_args(self) -> tuple:
+    if self._wall0 is None:
+      self._wall0 = time.time()
+    return (self._timed(self.reader.teachers),)
+
+  def share(self, step, params):
+    if cadence.is_time(step, self.every):
+      self._timed(self.storage.publish, self.group, step, params,
+                  final=step == self.total, blocking=self.blocking)
+
+  def refresh(self, step):
+    if cadence.is_time(step, self.every):
+      self._timed(self.reader.refresh, block=self.blocking)
+    elif (not self.blocking and self.every // 2 and
+          cadence.is_time(step + self.every // 2, self.every)):
+      self._timed(self.reader.start_refresh)
+
+  def metrics(self, step):
+    return {**self.reader.staleness(step),
+            "exchange_blocked_share": self.blocked_s / max(
+                time.time() - (self._wall0 or time.time()), 1e-9),
+            "publishes_skipped": self.storage.publishes_skipped(self.group)}
+
+  def close(self):
+    self.reader.close()
+
+
+def stacked_layout(abstract_params, n: int, dtype) -> step_lib.Teachers:
+  """Abstract stacked teachers laid out like `abstract_params` (+ an axis)."""
+  sharding = exchange.teachers_sharding(
+      jax.tree.map(lambda a: a.sharding, abstract_params))
+  return build.stacked(abstract_params, n, dtype, sharding)
+
+
+# ----------------------------------------------------------------------------
+# A fixed teacher in this process.
+# ----------------------------------------------------------------------------
+class FromCheckpoint(Source):
+  """Two-phase distillation: a trained checkpoint of any architecture.
+
+  The teacher is `build.teacher_model(config)`; its params are restored
+  onto the group's mesh, replicated, and cast to `teacher_dtype`.
+  """
+
+  def __init__(self, config, *, setup: build.Setup):
+    teacher = build.teacher_model(config, setup.info)
+    repl = mesh_lib.replicated(setup.mesh)
+    params = ckpt_lib.restore_params(
+        config.codistill.teacher_checkpoint,
+        build.abstract_params(teacher, setup.example, repl),
+        field="config.codistill.teacher_checkpoint")
+    dtype = jnp.dtype(config.codistill.teacher_dtype)
+    self.teachers = jax.jit(
+        lambda p: step_lib.Teachers(
+            jax.tree.map(lambda x: x.astype(dtype)[None], p),
+            jnp.ones((1,), jnp.float32)), out_shardings=repl)(params)
+
+  @classmethod
+  def layout(cls, config, setup, batch):
+    del batch
+    # The checkpoint is not read: its architecture's shapes are what count.
+    teacher = build.teacher_model(config, setup.info)
+    abstract = build.abstract_params(teacher, setup.example,
+                                     mesh_lib.replicated(setup.mesh))
+    return Layout(distills=True, teacher=teacher, args=(stacked_layout(
+        abstract, 1, config.codistill.teacher_dtype),))
+
+  def step_args(self):
+    return (self.teachers,)
+
+
+def precomputed_layout(config, setup: build.Setup, batch: dict) -> Layout:
+  """The step of targets in `batch['teacher']`: dense probs or top-k."""
+  logits = jax.eval_shape(
+      lambda p, x: setup.model.apply(p, x, train=False),
+      setup.abstract.params, batch["inputs"])
+  sharding = mesh_lib.batch_sharding(setup.mesh)
+  k = config.codistill.topk
+  if not k:
+    shapes = {"probs": (logits.shape, jnp.float32)}
+  else:
+    shape = (*logits.shape[:-1], k)
+    shapes = {"topk_ids": (shape, jnp.int32),
+              "topk_probs": (shape, jnp.float32)}
+  return Layout(distills=True, batch={"teacher": {
+      name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+      for name, (shape, dtype) in shapes.items()}})
+
+
+# ----------------------------------------------------------------------------
+# The teacher service (EDL-Dist).
+# ----------------------------------------------------------------------------
+class FromService(Source):
+  """Targets from a pool of Ray workers serving the teacher checkpoint.
+
+  One service per job, shared by its groups (`Sources`); each group's
+  batches go through its own ordered, retrying `service.TargetReader`.
+  """
+
+  def __init__(self, config, *, setup: build.Setup, shared: dict,
+               example_batch: dict):
+    if "service" not in shared:
+      # Ray is an optional extra: imported only for this source.
+      try:
+        from codistill_jax import service  # pylint: disable=g-import-not-at-top
+      except ImportError as e:
+        if e.name != "ray":
+          raise
+        raise ConfigError("config.codistill.teacher_source='service' needs "
+                          "Ray: pip install -e .[service]") from None
+      shared["service"] = service.start(config, setup.info, example_batch)
+    self.service = shared["service"]
+    self.reader = None
+
+  @classmethod
+  def layout(cls, config, setup, batch):
+    return precomputed_layout(config, setup, batch)
+
+  def wrap(self, batches):
+    self.reader = self.service.reader(batches)
+    return self.reader
+
+  def metrics(self, step):
+    del step
+    return self.reader.metrics() if self.reader is not None else {}
+
+  def close(self):
+    if self.reader is not None:
+      self.reader.close()
+
+
+# ----------------------------------------------------------------------------
+# Stored targets.
+# ----------------------------------------------------------------------------
+class FromStore(Source):
+  """Targets written once by `codistill_jax.target_store`, read by example id.
+
+  Each batch's rows are looked up by their 'index' in the training split, so
+  any group, shard or resumed step reads the targets of its own examples.
+  """
+
+  def __init__(self, config, *, datasets):
+    from codistill_jax import target_store  # pylint: disable=g-import-not-at-top
+    self.store = target_store.TargetStore(config.codistill.stored_targets)
+    self.store.check(config, datasets)
+    self.looked_up = 0
+
+  @classmethod
+  def layout(cls, config, setup, batch):
+    return precomputed_layout(config, setup, batch)
+
+  def wrap(self, batches):
+    for batch in batches:
+      self.looked_up += 1
+      yield {**batch, "teacher": self.store.lookup(batch["index"])}
+
+  def metrics(self, step):
+    del step
+    return {"stored/batches": float(self.looked_up)}
+
+
+SOURCES = {"peers": Peers, "checkpoint": FromCheckpoint,
+           "service": FromService, "stored": FromStore}
+
+
+def source_class(config) -> type[Source]:
+  """The class of a group's source (one group of peers has none)."""
+  cd = config.codistill
+  if cd.teacher_source == "peers" and cd.num_groups == 1:
+    return NoTeachers
+  return SOURCES[cd.teacher_source]
+
+
+class Sources:
+  """The sources of the groups one job drives, and what they share."""
+
+  def __init__(self, config, storage, total_steps: int):
+    self.config, self.storage, self.total = config, storage, total_steps
+    self.cls = source_class(config)
+    self._shared: dict[str, Any] = {}
+    self._made: list[Source] = []
+
+  @property
+  def publishes(self) -> bool:
+    """Whether the groups publish params for peers."""
+    return self.cls is Peers
+
+  def make(self, group: int, setup: build.Setup, datasets, params: Any):
+    """Group `group`'s source, for its initial `params`.
+
+    Reads only: nothing is written here.
+    """
+    cls, config = self.cls, self.config
+    if cls is Peers:
+      source = Peers(config, group=group, setup=setup, storage=self.storage,
+                     total_steps=self.total, params=params)
+    elif cls is FromCheckpoint:
+      source = FromCheckpoint(config, setup=setup)
+    elif cls is FromService:
+      source = FromService(config, setup=setup, shared=self._shared,
+                           example_batch=next(iter(datasets.train(0))))
+    elif cls is FromStore:
+      source = FromStore(config, datasets=datasets)
+    else:
+      source = cls()
+    self._made.append(source)
+    return source
+
+  def close(self) -> None:
+    for source in self._made:
+      source.close()
+    if "service" in self._shared:
+      self._shared.pop("service").close()
+
+
+# ----------------------------------------------------------------------------
+# Validation of config.codistill's teacher fields.
+# ----------------------------------------------------------------------------
+def check_config(config) -> None:
+  """teacher_source, teacher_dtype and what the chosen source needs."""
+  cd = config.codistill
+  config_lib.check_choice(config, "codistill.teacher_source", SOURCES)
+  config_lib.check_choice(config, "codistill.teacher_dtype", TEACHER_DTYPES)
+  if cd.teacher_source in ("checkpoint", "service"):
+    if not cd.teacher_checkpoint:
+      raise ConfigError(f"config.codistill.teacher_source="
+                        f"{cd.teacher_source!r} needs "
+                        "config.codistill.teacher_checkpoint=<run dir>")
+  if cd.teacher_checkpoint and "://" not in cd.teacher_checkpoint and (
+      not os.path.exists(cd.teacher_checkpoint)):
+    raise ConfigError(f"config.codistill.teacher_checkpoint="
+                      f"{cd.teacher_checkpoint}: no such directory")
+  if cd.teacher_source == "service":
+    _check_service(config)
+  if cd.teacher_source == "stored":
+    if not cd.stored_targets:
+      raise ConfigError("config.codistill.teacher_source='stored' needs "
+                        "config.codistill.stored_targets=<dir written by "
+                        "python -m codistill_jax.target_store>")
+    if not os.path.isdir(cd.stored_targets):
+      raise ConfigError(f"config.codistill.stored_targets="
+                        f"{cd.stored_targets}: no such directory")
+  if cd.teacher_source in ("service", "stored") and (
+      cd.divergence not in ("kl", "xent")):
+    raise ConfigError(f"config.codistill.divergence={cd.divergence!r}: the "
+                      f"{cd.teacher_source} sends probabilities, not logits; "
+                      "use 'kl' or 'xent'")
+
+
+def _check_service(config) -> None:
+  """config.codistill.service (its numeric ranges are in config_lib)."""
+  if importlib.util.find_spec("ray") is None:
+    raise ConfigError("config.codistill.teacher_source='service' needs Ray: "
+                      "pip install -e .[service]")
+  # pylint: disable-next=g-import-not-at-top
+  from codistill_jax.service import reader  # Ray is there (checked above).
+  config_lib.check_choice(config, "codistill.service.no_worker",
+                          reader.NO_WORKER_POLICIES)
