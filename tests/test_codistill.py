@@ -68,6 +68,7 @@ def test_two_groups_on_sub_meshes_exchange_and_distil(tmp_path):
   assert 0 < final["groups"]["test/churn/mean_abs_diff"] < 1
 
 
+@pytest.mark.slow
 def test_background_exchange_delivers_teachers(tmp_path):
   # The default, non-blocking exchange: when peers arrive depends on timing,
   # but over enough steps they do, and never from the future.
@@ -100,6 +101,7 @@ def test_groups_use_disjoint_devices_and_data():
   assert not set(a) & set(b) and len(a) == 4
 
 
+@pytest.mark.slow
 def test_one_group_ignores_codistill_settings_bitwise(tmp_path):
   base = load_config("flights")
   base.total_steps = 12
@@ -114,6 +116,7 @@ def test_one_group_ignores_codistill_settings_bitwise(tmp_path):
   assert not (tmp_path / "g1" / "group_0" / "published").exists()
 
 
+@pytest.mark.slow
 def test_two_phase_distillation_from_a_checkpoint_of_another_architecture(
     tmp_path):
   teacher = load_config("flights")
@@ -154,6 +157,7 @@ def test_bad_codistill_config_writes_nothing(tmp_path, field, value, match):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_churn_between_runs(tmp_path):
   config = load_config("flights")
   config.total_steps = 10

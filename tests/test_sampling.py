@@ -6,6 +6,7 @@ log-partition estimate is consistent with an O(1/K) bias (checked against a
 bound measured at a stated K / V).
 """
 
+import functools
 import os
 
 import jax
@@ -244,6 +245,7 @@ def test_topk_tail_is_stationary_at_the_teacher_but_renormalize_is_biased():
 # ----------------------------------------------------------------------------
 # Through the train step, on the real Transformer.
 # ----------------------------------------------------------------------------
+@functools.lru_cache  # Tests share compiled steps (nothing is donated).
 def _lm_step_setup(num_samples, proposal="dynamic", task_loss=True, topk=0,
                    precomputed=False):
   model = transformer.Model(vocab_size=V, max_len=8, num_layers=1, num_heads=2,
@@ -282,6 +284,7 @@ def _lm_step_setup(num_samples, proposal="dynamic", task_loss=True, topk=0,
   return state, batch, teachers, step, model
 
 
+@pytest.mark.slow
 def test_train_step_sampled_with_k_equal_v_matches_full_distillation():
   state, batch, teachers, full_step, _ = _lm_step_setup(0)
   _, _, _, sampled_step, _ = _lm_step_setup(V)
@@ -295,6 +298,7 @@ def test_train_step_sampled_with_k_equal_v_matches_full_distillation():
   assert int(m_samp["sampled_classes"]) == V
 
 
+@pytest.mark.slow
 def test_train_step_sampled_gives_no_gradient_to_teachers():
   state, batch, teachers, step, _ = _lm_step_setup(16)
 

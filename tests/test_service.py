@@ -145,6 +145,7 @@ def check_stream(out, expected):
 # ---------------------------------------------------------------------------
 # Targets.
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_targets_equal_the_in_process_teacher(flights, expected, workers):
   config, datasets, spec = flights
   workers(2)
@@ -171,6 +172,7 @@ def fmnist(tmp_path_factory, small_data):
   return config, str(root / "teacher" / "group_0" / "checkpoints" / "5")
 
 
+@pytest.mark.slow
 def test_sparse_topk_target_of_a_softmax_teacher(fmnist, cluster):
   del cluster
   config, step_dir = fmnist
@@ -213,6 +215,7 @@ def _busy_worker(reader):
   raise AssertionError("no worker has requests in flight")
 
 
+@pytest.mark.slow
 def test_killed_workers_lose_and_duplicate_no_sample(flights, expected,
                                                      workers):
   _, datasets, spec = flights
@@ -235,6 +238,7 @@ def test_killed_workers_lose_and_duplicate_no_sample(flights, expected,
   assert reader.pool.left == 2 and len(reader.pool.workers) == 1
 
 
+@pytest.mark.slow
 def test_hung_worker_times_out_and_its_batches_go_elsewhere(
     flights, expected, workers):
   _, datasets, spec = flights
@@ -252,6 +256,7 @@ def test_hung_worker_times_out_and_its_batches_go_elsewhere(
   assert reader.stats["retries"] >= reader.stats["timeouts"]
 
 
+@pytest.mark.slow
 def test_worker_added_mid_run_takes_load(flights, expected, workers):
   _, datasets, spec = flights
   workers(1)
@@ -269,6 +274,7 @@ def test_worker_added_mid_run_takes_load(flights, expected, workers):
   del new
 
 
+@pytest.mark.slow
 def test_two_students_share_the_pool(flights, expected, workers):
   _, datasets, spec = flights
   workers(2)
@@ -285,6 +291,7 @@ def test_two_students_share_the_pool(flights, expected, workers):
 # ---------------------------------------------------------------------------
 # No worker: fall back, or wait and fail clearly.
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_no_worker_falls_back_to_the_in_process_teacher(flights, expected,
                                                         cluster):
   del cluster
@@ -296,6 +303,7 @@ def test_no_worker_falls_back_to_the_in_process_teacher(flights, expected,
   assert reader.stats["fallback_batches"] == 5
 
 
+@pytest.mark.slow
 def test_no_worker_wait_times_out_with_a_clear_error(flights, cluster):
   del cluster
   _, datasets, spec = flights
@@ -307,6 +315,7 @@ def test_no_worker_wait_times_out_with_a_clear_error(flights, cluster):
   assert 1.0 <= time.time() - t < 10
 
 
+@pytest.mark.slow
 def test_workers_of_another_teacher_are_never_used(flights, workers):
   _, datasets, spec = flights
   workers(1)
@@ -320,6 +329,7 @@ def test_workers_of_another_teacher_are_never_used(flights, workers):
 # ---------------------------------------------------------------------------
 # Security: loopback only.
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_local_cluster_listens_on_loopback_only(cluster, workers):
   del cluster
   workers(1)
@@ -498,6 +508,7 @@ def test_sparse_topk_run_through_the_service_matches_in_process(
   assert all(r["distill_loss"] > 0 for r in rows["service"])
 
 
+@pytest.mark.slow
 def test_teacher_of_another_architecture_is_refused_at_start(flights,
                                                              tmp_path):
   config = flights[0]

@@ -61,6 +61,7 @@ def _assert_same_training(tmp_path, config, teacher_dir, store):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_stored_dense_targets_train_like_the_in_process_teacher(tmp_path):
   config, teacher_dir = _teacher(tmp_path, "flights")
   store = str(tmp_path / "store")
@@ -71,6 +72,7 @@ def test_stored_dense_targets_train_like_the_in_process_teacher(tmp_path):
   _assert_same_training(tmp_path, config, teacher_dir, store)
 
 
+@pytest.mark.slow
 def test_stored_topk_targets_keep_the_tail_and_match(tmp_path, small_data):
   config, teacher_dir = _teacher(tmp_path, "fashion_mnist",
                                  small_data["fashion_mnist"])
@@ -86,6 +88,7 @@ def test_stored_topk_targets_keep_the_tail_and_match(tmp_path, small_data):
   _assert_same_training(tmp_path, config, teacher_dir, store)
 
 
+@pytest.mark.slow
 def test_store_refuses_other_data_format_teacher_and_overwrite(tmp_path):
   config, teacher_dir = _teacher(tmp_path, "flights")
   store = str(tmp_path / "store")

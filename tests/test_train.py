@@ -116,6 +116,7 @@ def test_nan_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_resume_prefers_own_checkpoint_over_init_checkpoint(tmp_path):
   config = load_config("flights")
   config.total_steps = 10
@@ -135,6 +136,7 @@ def test_resume_prefers_own_checkpoint_over_init_checkpoint(tmp_path):
       os.path.join(second, "group_0", "checkpoints")) if d.isdigit()) == [5]
 
 
+@pytest.mark.slow
 def test_init_checkpoint_of_another_architecture_is_a_config_error(tmp_path):
   config = load_config("flights")
   config.total_steps = 5
