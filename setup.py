@@ -33,5 +33,7 @@ setuptools.setup(
         "repro": ["matplotlib==3.9.2"],
         # The teacher-inference service (codistill_jax/service/).
         "service": ["ray==2.60.0"],
+        # gs:// exchange dirs and checkpoints (etils' GCS filesystem).
+        "gcs": ["gcsfs==2026.10.1"],
     },
 )

@@ -10,14 +10,19 @@ Resume order (DESIGN.md): the run's own newest checkpoint, then
 `config.init_checkpoint` (params only), then scratch.
 """
 
+import hashlib
+import importlib.util
 import json
 import os
+import re
 import socket
 from typing import Any
 
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from codistill_jax import paths
@@ -93,6 +98,60 @@ def manager(directory: str, name: str, **options) -> ocp.CheckpointManager:
       create=not named, multiprocessing_options=multiprocessing, **options))
 
 
+@jax.jit
+def checksum(tree: Any) -> jax.Array:
+  """uint32 [n_leaves]: an exact checksum of each leaf's stored bits.
+
+  Per leaf, the wrapping uint32 sum of its bit pattern (as 32-bit words)
+  times an odd weight per position. Any single flipped bit changes it (an
+  odd weight times a power of two is never 0 mod 2^32), swapped entries
+  almost surely do, and integer sums come out the same under any sharding.
+  Orbax stores arrays without a checksum of its own, so this is what catches
+  bit rot and torn copies in own checkpoints and published params.
+  """
+  out = []
+  for x in jax.tree.leaves(tree):
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+      x = x.astype(jnp.uint8)
+    if x.dtype.itemsize % 4 == 0:
+      words = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    else:  # 8- and 16-bit types: widen their bit pattern to a word.
+      unsigned = {1: jnp.uint8, 2: jnp.uint16}[x.dtype.itemsize]
+      words = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    words = words.reshape(-1)
+    odd = jnp.arange(words.size, dtype=jnp.uint32) * 2 + 1
+    out.append(jnp.sum(words * odd, dtype=jnp.uint32))
+  return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
+
+
+def step_metadata(directory: str, step: int) -> dict:
+  """The custom metadata Orbax committed with a step ({} if none)."""
+  path = os.path.join(directory, str(step), "_CHECKPOINT_METADATA")
+  try:
+    with epath.Path(path).open() as f:
+      return json.load(f).get("custom_metadata") or {}
+  except (OSError, ValueError):
+    return {}
+
+
+def run_identity(config: ml_collections.ConfigDict) -> str:
+  """A readable, stable key of what a run computes, e.g.
+  'flights-ctr_mlp-seed0-3fa9c2d1e4'.
+
+  The config minus the fields that only change how a run is watched or where
+  it exchanges (RESUMABLE_FIELDS, codistill.exchange_dir): the groups of one
+  run, started as separate jobs, get the same key; another seed, model or
+  setting gets another. Published params live under it (paths.run_dir).
+  """
+  d = _comparable(config)
+  d.get("codistill", {}).pop("exchange_dir", None)
+  digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+  short = lambda name: re.sub(r"\W", "_", str(name).rsplit(".", 1)[-1])
+  return (f"{short(config.data.name)}-{short(config.model_name)}-"
+          f"seed{config.seed}-{digest[:10]}")
+
+
 def committed_steps(directory: str) -> list[int]:
   """Committed steps under an Orbax manager's directory ([] if none yet).
 
@@ -106,36 +165,52 @@ def committed_steps(directory: str) -> list[int]:
     return []
 
 
+class Corrupt(Exception):
+  """A committed step that cannot be read back as it was written."""
+
+
+def _first_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}" if str(
+      e).strip() else type(e).__name__
+
+
 def restore_state(directory: str, step: int, abstract_state: Any,
                   name: str = "restore") -> Any:
   """Restores a committed TrainState step onto `abstract_state`'s shardings.
 
-  Reads only. A checkpoint of another model or optimizer, or one damaged
-  after it committed, is a ConfigError naming the step and the fix.
+  Reads only. Verifies the values against the checksum saved with the step
+  (steps written before checksums existed are taken as they are).
 
   Args:
     directory: the manager directory (e.g. paths.checkpoints_dir).
     step: a committed step under it.
     abstract_state: ShapeDtypeStructs carrying the target shardings.
     name: tells this restore's Orbax barriers from other managers'.
+
+  Raises:
+    Corrupt: the step was damaged after it committed (unreadable metadata,
+      a truncated or garbled array file, values that fail the checksum).
+    ConfigError: the step is of another model or optimizer.
   """
   item = os.path.join(os.path.abspath(directory), str(step), "default")
   try:
     problem = mismatch(item, abstract_state)
-  except OSError as e:  # Committed, then damaged (a torn copy, bit rot).
-    older = [s for s in committed_steps(directory) if s < step]
-    raise ConfigError(
-        f"checkpoint {directory}/{step} is partial or corrupt ({e}); "
-        "move that step directory away to resume from "
-        f"{f'step {max(older)}' if older else 'scratch'}, or use a fresh "
-        "--workdir") from None
+  except OSError as e:
+    raise Corrupt(f"unreadable metadata ({_first_line(e)})") from None
   if problem:
     raise ConfigError(
         f"checkpoint {directory}/{step} does not match this config's "
         f"model/optimizer ({problem}); use a fresh --workdir")
-  with ocp.StandardCheckpointer(
-      multiprocessing_options=multiprocessing_options(name)) as ckptr:
-    return ckptr.restore(item, abstract_state)
+  try:
+    with ocp.StandardCheckpointer(
+        multiprocessing_options=multiprocessing_options(name)) as ckptr:
+      state = ckptr.restore(item, abstract_state)
+  except (OSError, ValueError, RuntimeError) as e:  # tensorstore's decode
+    raise Corrupt(f"its arrays do not read back ({_first_line(e)})") from None
+  saved = step_metadata(directory, step).get("checksum")
+  if saved is not None and np.asarray(checksum(state)).tolist() != saved:
+    raise Corrupt("its values do not match the checksum saved with them")
+  return state
 
 
 class Checkpointer:
@@ -151,13 +226,15 @@ class Checkpointer:
         os.path.abspath(directory), name, max_to_keep=max_to_keep,
         enable_async_checkpointing=True, cleanup_tmp_directories=True)
 
-  def save(self, step: int, state: Any) -> None:
+  def save(self, step: int, state: Any, metadata: dict | None = None) -> None:
     """Starts an async save; returns once the arrays are copied off-device.
 
-    Also raises a failure of the previous save (Orbax waits for it first).
+    `metadata` (JSON) commits atomically with the step. Also raises a
+    failure of the previous save (Orbax waits for it first).
     """
     try:
-      self._mgr.save(step, args=ocp.args.StandardSave(state), force=True)
+      self._mgr.save(step, args=ocp.args.StandardSave(state), force=True,
+                     custom_metadata=metadata)
     except (OSError, ValueError) as e:
       raise storage_error("a checkpoint", self.directory, e) or e
 
@@ -238,22 +315,31 @@ def restore_params(path: str, abstract_params: Any,
       checkpoint of another architecture is a ConfigError).
   """
   step_dir = find_step_dir(path, field)
-  problem = mismatch(os.path.join(step_dir, "default"), abstract_params,
-                     prefix="params")
+  damaged = (f"{field}={path!r}: the checkpoint {step_dir} is unreadable or "
+             "corrupt ({}); point it at another step or run")
+  try:
+    problem = mismatch(os.path.join(step_dir, "default"), abstract_params,
+                       prefix="params")
+  except OSError as e:
+    raise ConfigError(damaged.format(_first_line(e))) from None
   if problem:
     raise ConfigError(f"{field}={path!r} holds another architecture "
                       f"({problem}); use a checkpoint of this model")
   restore_args = jax.tree.map(
       lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape,
                                      dtype=x.dtype), abstract_params)
-  with ocp.Checkpointer(
-      ocp.PyTreeCheckpointHandler(),
-      multiprocessing_options=multiprocessing_options("init_params")) as ckptr:
-    restored = ckptr.restore(
-        os.path.join(step_dir, "default"),
-        args=ocp.args.PyTreeRestore(
-            item={"params": abstract_params},
-            restore_args={"params": restore_args}, partial_restore=True))
+  try:
+    with ocp.Checkpointer(
+        ocp.PyTreeCheckpointHandler(),
+        multiprocessing_options=multiprocessing_options("init_params")
+    ) as ckptr:
+      restored = ckptr.restore(
+          os.path.join(step_dir, "default"),
+          args=ocp.args.PyTreeRestore(
+              item={"params": abstract_params},
+              restore_args={"params": restore_args}, partial_restore=True))
+  except (OSError, ValueError, RuntimeError) as e:
+    raise ConfigError(damaged.format(_first_line(e))) from None
   return restored["params"]
 
 
@@ -272,43 +358,78 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                       "point it at a run's workdir or a step dir, or set ''")
 
 
+def check_writable(path: str, field: str) -> None:
+  """`path` is, or can be created as, a directory this job may write.
+
+  Checked without writing. Remote paths (gs://) are checked for the
+  filesystem they need; `field` names the flag or config field in errors.
+  """
+  if "://" in path:
+    if path.startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+      raise ConfigError(f"{field}={path}: gs:// paths need the GCS "
+                        "filesystem, which is not installed: "
+                        "pip install -e .[gcs]")
+    return
+  if os.path.islink(path) and not os.path.exists(path):
+    raise StorageError(f"{field}={path} is a dangling symlink or a symlink "
+                       f"loop; remove it or point {field} at a directory")
+  # The nearest existing ancestor must be a directory this job may write
+  # (access() sees a read-only filesystem even for root).
+  probe = os.path.abspath(path)
+  while not os.path.lexists(probe):
+    probe = os.path.dirname(probe)
+  reason = ("a dangling symlink or a symlink loop" if not os.path.exists(probe)
+            else "Not a directory" if not os.path.isdir(probe)
+            else None if os.access(probe, os.W_OK | os.X_OK)
+            else f"{probe} is read-only or not writable")
+  if reason:
+    raise StorageError(
+        f"{field}={path} cannot be written ({reason}); point {field} at a "
+        "directory this job can create and write")
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError if `workdir` holds a run of another config, or
-  StorageError if it cannot be created or written (checked without writing).
+  StorageError if it (or the exchange dir) cannot be created or written.
+
+  Checked without writing anything.
   """
-  if "://" not in workdir:
-    # The nearest existing ancestor must be a directory this job may write
-    # (access() sees a read-only filesystem even for root).
-    probe = os.path.abspath(workdir)
-    while not os.path.exists(probe):
-      probe = os.path.dirname(probe)
-    reason = ("Not a directory" if not os.path.isdir(probe) else
-              None if os.access(probe, os.W_OK | os.X_OK) else
-              f"{probe} is read-only or not writable")
-    if reason:
-      raise StorageError(
-          f"--workdir={workdir} cannot be written ({reason}); point "
-          "--workdir at a directory this job can create and write")
+  if "://" in workdir:
+    raise ConfigError(f"--workdir={workdir}: the workdir must be a local or "
+                      "NFS path (config, metrics and locks are plain files); "
+                      "put config.codistill.exchange_dir on gs:// instead")
+  check_writable(workdir, "--workdir")
+  if config.codistill.exchange_dir:
+    check_writable(config.codistill.exchange_dir,
+                   "config.codistill.exchange_dir")
   path = paths.config_file(workdir)
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    old = json.load(f)
+  try:
+    with open(path) as f:
+      old = json.load(f)
+    if not isinstance(old, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    raise ConfigError(
+        f"{path} (the run's identity) is unreadable ({_first_line(e)}); "
+        "move it away and rerun the same command to resume this run's "
+        "checkpoints with this config, or use a fresh --workdir") from None
   for k in RESUMABLE_FIELDS:
     old.pop(k, None)
   new = _comparable(config)
   if old != new:
-    diff = sorted(_diff_keys(old, new))
+    diff = sorted(diff_keys(old, new))
     raise ConfigError(
         f"--workdir={workdir} holds a run of another config (differs in "
         f"{', '.join(diff[:5])}); use a new --workdir or the run's own config")
 
 
-def _diff_keys(a, b, prefix=""):
+def diff_keys(a, b, prefix=""):
   for k in set(a) | set(b):
     va, vb = a.get(k), b.get(k)
     if isinstance(va, dict) and isinstance(vb, dict):
-      yield from _diff_keys(va, vb, f"{prefix}{k}.")
+      yield from diff_keys(va, vb, f"{prefix}{k}.")
     elif va != vb:
       yield f"{prefix}{k}"
 

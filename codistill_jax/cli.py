@@ -22,7 +22,6 @@ from ml_collections import config_flags
 
 from codistill_jax import config_lib
 from codistill_jax.errors import ConfigError
-from codistill_jax.errors import StorageError
 
 # The filesystem refusing a write (a full, read-only or missing workdir).
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -55,20 +54,17 @@ def define_config_flag(name: str = "config") -> flags.FlagHolder:
 
 
 def fail(message: str, code: int = 2) -> None:
-  """Prints `error: message` (one line) and exits with `code`."""
-  print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
-  sys.exit(code)
+  """Prints `error: message` (one line) and exits with `code` at once.
 
-
-def _fail_now(message: str) -> None:
-  """`fail` for a write that failed mid-run: skips the interpreter's exit.
-
-  Orbax's writer threads of the failed save are still unwinding; a normal
-  exit would print their errors after ours. Nothing they hold is committed.
+  The interpreter's own exit is skipped: Orbax's and asyncio's threads of a
+  failed save or restore would print their tracebacks after our line.
+  Nothing they hold is committed, and the trainer has already released its
+  locks (train.py).
   """
   print(f"error: {_one_line(message)}", file=sys.stderr, flush=True)
   sys.stdout.flush()
-  os._exit(2)  # pylint: disable=protected-access
+  pylogging.shutdown()
+  os._exit(code)  # pylint: disable=protected-access
 
 
 def _one_line(text) -> str:
@@ -90,6 +86,9 @@ def flag_error(e: Exception) -> str:
   if wrapped is not None:
     return str(wrapped)
   text = _one_line(e)
+  typed = re.fullmatch(r"flag --config\.([\w.]+)=(.*?): (.*)", text)
+  if typed:
+    return f"config.{typed.group(1)}={typed.group(2)!r}: {typed.group(3)}"
   unknown = re.search(r"'([\w.]+)'.*?(Did you mean [^?]*\?)", text)
   cause = e.__cause__ or e.__context__
   if isinstance(e, KeyError) or isinstance(cause, KeyError) or unknown:
@@ -100,7 +99,8 @@ def flag_error(e: Exception) -> str:
   return f"bad flag: {text}"
 
 
-def _parse_flags(argv: Sequence[str], required: Sequence[str]):
+def _parse_flags(argv: Sequence[str], required: Sequence[str],
+                 positional: bool = False):
   """absl's parser, but bad flags give one line and exit 2; --help exits 0."""
   if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
     print(flags.FLAGS.main_module_help() if "--helpfull" not in argv
@@ -117,7 +117,7 @@ def _parse_flags(argv: Sequence[str], required: Sequence[str]):
   except (flags.Error, KeyError, OSError, AttributeError, TypeError,
           ValueError) as e:
     fail(flag_error(e))
-  if len(rest) > 1:
+  if len(rest) > 1 and not positional:
     fail(f"unexpected arguments {rest[1:]}; config overrides are flags: "
          "--config.a.b=value")
   return rest
@@ -181,17 +181,21 @@ class _QuietLibraries(pylogging.Filter):
             "Metadata file does not exist" not in record.getMessage())
 
 
-def run(main: Callable[[list[str]], None],
-        required: Sequence[str] = ()) -> None:
-  """`app.run(main)` with one-line errors for bad input (see module doc)."""
+def run(main: Callable[[list[str]], None], required: Sequence[str] = (),
+        positional: bool = False) -> None:
+  """`app.run(main)` with one-line errors for bad input (see module doc).
+
+  Args:
+    main: called with argv (the program name, then positional arguments).
+    required: flags that must be given.
+    positional: whether the command takes positional arguments.
+  """
 
   def guarded(argv):
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
     try:
       main(argv)
-    except StorageError as e:
-      _fail_now(str(e))
-    except ConfigError as e:
+    except ConfigError as e:  # Bad input, or storage refusing a write.
       fail(str(e))
     except OSError as e:
       if e.errno not in _REFUSED or not e.filename:
@@ -199,10 +203,21 @@ def run(main: Callable[[list[str]], None],
       fix = ("free space or point --workdir at a filesystem with room"
              if e.errno in _FULL else
              "point --workdir at a writable directory")
-      _fail_now(f"cannot write {e.filename}: {e.strerror}; {fix}, then "
-                "rerun the same command: it resumes from the last committed "
-                "checkpoint")
+      fail(f"cannot write {e.filename}: {e.strerror}; {fix}, then rerun the "
+           "same command: it resumes from the last committed checkpoint")
     except FloatingPointError as e:
       fail(str(e), code=1)
+    except KeyboardInterrupt:  # Before the loop (which saves and exits 0).
+      fail("interrupted before training started; nothing was saved: rerun "
+           "the same command", code=130)
+    except RuntimeError as e:
+      if "Unable to initialize backend" not in str(e):
+        raise
+      platforms = os.environ.get("JAX_PLATFORMS", "")
+      fail(f"JAX_PLATFORMS={platforms!r}: {str(e).split(':', 1)[0]}; this "
+           "machine has no such platform: unset JAX_PLATFORMS (JAX then "
+           "picks what is here) or install its plugin (pip install -e "
+           ".[cuda] / .[tpu])")
 
-  app.run(guarded, flags_parser=lambda argv: _parse_flags(argv, required))
+  app.run(guarded, flags_parser=lambda argv: _parse_flags(argv, required,
+                                                         positional))

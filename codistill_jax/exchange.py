@@ -1,10 +1,14 @@
 """Parameter exchange between groups through checkpoints on shared storage.
 
 Each group publishes its params every `exchange_every` steps as an Orbax
-checkpoint under `<exchange_dir>/group_<g>/published/<step>`. Orbax writes a
-step into a temporary directory and renames it when committed, and
+checkpoint under `<exchange_dir>/runs/<run>/group_<g>/published/<step>`
+(`paths.py`), with the run's identity committed in the step's metadata and an
+exact checksum of the params beside them. Orbax writes a step into a
+temporary directory and renames it when committed, and
 `ocp.step.checkpoint_steps` lists committed steps only, so a reader never sees
-a partial save. Any path tensorstore understands works: local disk, NFS,
+a partial save; it accepts only steps of its own run, and a publisher's
+`max_to_keep` deletes only in its own run's folder, so many runs can share one
+exchange root. Any path tensorstore understands works: local disk, NFS,
 `gs://`.
 
 `PeerReader` keeps, for each peer, the params of its newest committed step,
@@ -32,18 +36,6 @@ from codistill_jax import paths
 from codistill_jax import step as step_lib
 
 
-@jax.jit
-def fingerprint(params: Any) -> jax.Array:
-  """Per leaf, sum and sum of |x| (float32): published with the params.
-
-  Orbax stores arrays compressed without a checksum, so a flipped bit can
-  restore without error; a reader recomputes this and rejects a mismatch.
-  """
-  leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(params)]
-  return jnp.stack([f(x) for x in leaves for f in (jnp.sum,
-                                                    lambda y: jnp.sum(abs(y)))])
-
-
 class Publisher:
   """Publishes one group's params (Orbax, `max_to_keep` >= 3).
 
@@ -53,10 +45,19 @@ class Publisher:
   saves from the main thread: Orbax synchronises the processes there.
   """
 
-  def __init__(self, exchange_dir: str, group: int, max_to_keep: int = 3):
+  def __init__(self, run_dir: str, group: int, run: str = "",
+               max_to_keep: int = 3):
+    """Args:
+
+      run_dir: the run's folder under the exchange root (`paths.run_dir`).
+      group: the publishing group.
+      run: the run's identity, committed with every step.
+      max_to_keep: committed steps kept (>= 3: readers never race).
+    """
     self._background = jax.process_count() == 1
+    self._run = run
     self._mgr = ckpt_lib.manager(
-        paths.published_dir(exchange_dir, group), f"publish_g{group}",
+        paths.published_dir(run_dir, group), f"publish_g{group}",
         max_to_keep=max_to_keep,
         # A killed predecessor's half-written saves go at restart.
         cleanup_tmp_directories=True,
@@ -71,7 +72,8 @@ class Publisher:
 
   def _save(self, step: int, item: Any) -> None:
     try:
-      self._mgr.save(step, args=ocp.args.StandardSave(item), force=True)
+      self._mgr.save(step, args=ocp.args.StandardSave(item), force=True,
+                     custom_metadata={"run": self._run})
     except (OSError, ValueError) as e:
       raise ckpt_lib.storage_error(f"published params of step {step}",
                                    str(self._mgr.directory), e) or e
@@ -90,8 +92,8 @@ class Publisher:
     if step in self._earlier:  # Replayed after a restart: already committed.
       return False
     if not self._background:
-      copy, fp = _copy_with_fingerprint(params)
-      self._save(step, {"params": copy, "fingerprint": fp})
+      copy, sums = _copy_with_checksum(params)
+      self._save(step, {"params": copy, "checksum": sums})
       return True
     if self._future is not None:
       if if_idle and not self._future.done():
@@ -99,10 +101,10 @@ class Publisher:
         return False
       self._future.result()  # Also re-raises an error of the previous save.
     # One dispatch: a device copy (the live params are donated to the next
-    # step) and its fingerprint; the save itself runs on the background thread.
-    copy, fp = _copy_with_fingerprint(params)
+    # step) and its checksum; the save itself runs on the background thread.
+    copy, sums = _copy_with_checksum(params)
     self._future = self._pool.submit(
-        self._save, step, {"params": copy, "fingerprint": fp})
+        self._save, step, {"params": copy, "checksum": sums})
     return True
 
   def wait(self) -> None:
@@ -121,14 +123,14 @@ class Publisher:
 
 
 @jax.jit
-def _copy_with_fingerprint(params):
-  return jax.tree.map(jnp.copy, params), fingerprint(params)
+def _copy_with_checksum(params):
+  return jax.tree.map(jnp.copy, params), ckpt_lib.checksum(params)
 
 
 def warm_up(params: Any) -> None:
-  """Compiles a publish's copy and fingerprint before the loop (not on its
+  """Compiles a publish's copy and checksum before the loop (not on its
   clock); writes nothing."""
-  jax.block_until_ready(_copy_with_fingerprint(params))
+  jax.block_until_ready(_copy_with_checksum(params))
 
 
 def teachers_sharding(param_shardings: Any) -> step_lib.Teachers:
@@ -180,17 +182,27 @@ class PeerSlot:
 class PeerReader:
   """The newest committed params of each peer, on the reader's sharding."""
 
-  def __init__(self, exchange_dir: str, peers: list[int], abstract_params: Any,
-               teacher_dtype: Any = jnp.float32, retries: int = 3):
-    self.exchange_dir = exchange_dir
+  def __init__(self, run_dir: str, peers: list[int], abstract_params: Any,
+               teacher_dtype: Any = jnp.float32, retries: int = 3,
+               run: str = ""):
+    """Args:
+
+      run_dir: the run's folder under the exchange root (`paths.run_dir`).
+      peers: the groups to read.
+      abstract_params: ShapeDtypeStructs with the reader's shardings.
+      teacher_dtype: float params are stacked in this dtype.
+      retries: tries when a newest step vanishes while being read.
+      run: the run's identity; a step committed by another run is refused.
+    """
+    self.run_dir, self.run = run_dir, run
     self.slots = [PeerSlot(g) for g in peers]
     self._abstract = abstract_params
     n_leaves = len(jax.tree.leaves(abstract_params))
     mesh = jax.tree.leaves(abstract_params)[0].sharding.mesh
     self._abstract_item = {
         "params": abstract_params,
-        "fingerprint": jax.ShapeDtypeStruct(
-            (2 * n_leaves,), jnp.float32,
+        "checksum": jax.ShapeDtypeStruct(
+            (n_leaves,), jnp.uint32,
             sharding=jax.sharding.NamedSharding(
                 mesh, jax.sharding.PartitionSpec()))}
     self._retries = retries
@@ -223,7 +235,7 @@ class PeerReader:
 
   # -- Restoring (background thread). --------------------------------------
   def _restore_one(self, slot: PeerSlot, only_step: int | None = None):
-    directory = paths.published_dir(self.exchange_dir, slot.group)
+    directory = paths.published_dir(self.run_dir, slot.group)
     for attempt in range(self._retries):
       steps = ([only_step] if only_step is not None else
                ckpt_lib.committed_steps(directory))
@@ -232,6 +244,9 @@ class PeerReader:
       step = steps[-1]
       item = os.path.join(directory, str(step), "default")
       try:
+        writer = ckpt_lib.step_metadata(directory, step).get("run")
+        if self.run and writer != self.run:
+          raise ValueError(f"written by another run ({writer!r})")
         problem = (ckpt_lib.mismatch(item, self._abstract, prefix="params") or
                    ckpt_lib.mismatch(item, self._abstract_item))
         if problem:
@@ -240,12 +255,10 @@ class PeerReader:
             multiprocessing_options=self._restore_options) as ckptr:
           restored = ckptr.restore(item, self._abstract_item)
         params = restored["params"]
-        saved, now = (np.asarray(restored["fingerprint"]),
-                      np.asarray(fingerprint(params)))
-        if not (np.isfinite(now).all() and
-                np.allclose(now, saved, rtol=1e-4, atol=1e-5)):
+        if not np.array_equal(np.asarray(restored["checksum"]),
+                              np.asarray(ckpt_lib.checksum(params))):
           raise ValueError("corrupt: restored values do not match the "
-                           "fingerprint published with them")
+                           "checksum published with them")
       except FileNotFoundError as e:
         if only_step is not None:  # Agreed step gone: wait for the next one.
           return
@@ -280,7 +293,7 @@ class PeerReader:
     all agree.
     """
     listed = [ckpt_lib.committed_steps(paths.published_dir(
-        self.exchange_dir, s.group)) or [-1] for s in self.slots]
+        self.run_dir, s.group)) or [-1] for s in self.slots]
     newest = self._agree(np.array([steps[-1] for steps in listed], np.int32))
     for slot, step in zip(self.slots, newest.tolist()):
       if step >= 0 and (slot.step is None or step > slot.step):
@@ -313,14 +326,22 @@ class PeerReader:
       self._teachers = (key, self._stack(weights, *trees))
     return self._teachers[1]
 
-  def staleness(self, own_step: int) -> dict[str, float]:
-    out = {}
+  def held_steps(self) -> dict[int, int | None]:
+    """{peer: the step of the params held (None: nothing yet)}."""
     with self._lock:
-      for s in self.slots:
-        if s.step is not None:
-          out[f"staleness/group_{s.group}"] = own_step - s.step
-        out[f"restore_failures/group_{s.group}"] = s.failures
-    return out
+      return {s.group: s.step for s in self.slots}
+
+  def staleness(self, own_step: int) -> dict[str, float]:
+    """Now: own_step minus each held peer step, and the failures."""
+    out = {f"staleness/group_{g}": own_step - step
+           for g, step in self.held_steps().items() if step is not None}
+    return {**out, **self.failures()}
+
+  def failures(self) -> dict[str, float]:
+    """Restores that failed (and kept the previous params), per peer."""
+    with self._lock:
+      return {f"restore_failures/group_{s.group}": s.failures
+              for s in self.slots}
 
   def close(self) -> None:
     if self._future is not None:

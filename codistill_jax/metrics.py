@@ -10,6 +10,7 @@ import os
 import time
 from typing import Any, Mapping
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,7 +107,10 @@ class MetricWriter:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(logdir, exist_ok=True)
       self._tb = SummaryWriter(logdir, flush_secs=10)
-      self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a")
+      path = os.path.join(logdir, "metrics.jsonl")
+      _drop_torn_line(path)
+      # O_APPEND and one write per line: a row is whole or absent.
+      self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
   def write(self, step: int, scalars: Mapping[str, Any]):
     if not self.enabled:
@@ -114,20 +118,68 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(),
-                                  **scalars}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), "time": time.time(), **scalars})
+    os.write(self._fd, (line + "\n").encode())
 
   def close(self):
     if self.enabled:
       self._tb.close()
-      self._jsonl.close()
+      os.close(self._fd)
+
+
+def _drop_torn_line(path: str) -> None:
+  """Cuts a last line a killed writer left half-written (no newline)."""
+  try:
+    with open(path, "rb+") as f:
+      data = f.read()
+      if data and not data.endswith(b"\n"):
+        f.truncate(data.rfind(b"\n") + 1)
+        logging.warning("%s: dropped a torn last line left by a killed run",
+                        path)
+  except FileNotFoundError:
+    pass
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-  """Reads a metrics.jsonl file written by `MetricWriter`."""
+  """Reads a metrics.jsonl file written by `MetricWriter`.
+
+  A torn last line (the writer was killed mid-line) is skipped with a
+  warning; a bad line anywhere else is corruption and raises, naming it.
+  """
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [line for line in f.read().split("\n") if line.strip()]
+  rows = []
+  for i, line in enumerate(lines):
+    try:
+      rows.append(json.loads(line))
+    except ValueError:
+      if i < len(lines) - 1:
+        raise ValueError(f"{path}:{i + 1} is not a JSON line") from None
+      logging.warning("%s: skipping a torn last line (%d bytes)", path,
+                      len(line))
+  return rows
+
+
+# Metrics of a distillation term that mean nothing before a teacher is held:
+# log steps average them over the updates that had one, or leave them out.
+TEACHER_METRICS = ("distill_loss", "peer_agreement", "peer_abs_diff")
+
+
+def window_means(stacked: Mapping[str, np.ndarray]) -> dict[str, float]:
+  """Per-metric means over a log window of per-step device metrics."""
+  held = stacked.get("teacher_held")
+  out = {}
+  for k, v in stacked.items():
+    v = np.asarray(v)
+    if k == "teacher_held":
+      continue
+    if held is not None and k in TEACHER_METRICS:
+      mask = np.asarray(held) > 0
+      if mask.any():
+        out[k] = float(np.mean(v[mask]))
+      continue
+    out[k] = float(np.mean(v))
+  return out
 
 
 # ----------------------------------------------------------------------------

@@ -2,13 +2,19 @@
 
   WORKDIR/config.json                      the run's config (its identity)
   WORKDIR/group_<g>/checkpoints/<step>/    own TrainState checkpoints (Orbax)
+  WORKDIR/group_<g>/writer.lock            who writes this group (one process)
   WORKDIR/group_<g>/metrics.jsonl          every metric; TensorBoard events
                                            beside it
   WORKDIR/ensemble/                        ensemble and agreement metrics
   WORKDIR/logs/                            per-process logs of the launcher
-  EXCHANGE_DIR/group_<g>/published/<step>/ params a group publishes for its
-                                           peers (EXCHANGE_DIR defaults to
-                                           WORKDIR)
+  EXCHANGE_DIR/runs/<run>/run.json         a run's config, for the humans and
+                                           messages that meet it there
+  EXCHANGE_DIR/runs/<run>/group_<g>/published/<step>/
+                                           params a group publishes for its
+                                           peers; <run> is the run's identity
+                                           (checkpoint.run_identity), so many
+                                           runs can share one EXCHANGE_DIR
+                                           (which defaults to WORKDIR)
 
 Every command, test and experiment builds these paths here, so the layout
 changes in one place.
@@ -41,8 +47,22 @@ def logs_dir(workdir: str) -> str:
   return os.path.join(workdir, "logs")
 
 
-def published_dir(exchange_dir: str, group: int) -> str:
-  return os.path.join(exchange_dir, f"group_{group}", "published")
+def lock_file(workdir: str, group: int) -> str:
+  return os.path.join(group_dir(workdir, group), "writer.lock")
+
+
+def runs_dir(exchange_dir: str) -> str:
+  return os.path.join(exchange_dir, "runs")
+
+
+def run_dir(exchange_dir: str, run: str) -> str:
+  """One run's folder of published params under a shared exchange dir."""
+  return os.path.join(runs_dir(exchange_dir), run)
+
+
+def published_dir(run_dir_: str, group: int) -> str:
+  """Where `group` publishes, under its run's folder (`run_dir`)."""
+  return os.path.join(run_dir_, f"group_{group}", "published")
 
 
 def exchange_dir(config, workdir: str) -> str:

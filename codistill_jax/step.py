@@ -95,7 +95,9 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
       task, d, aux = distill.loss(student, params, batch, rng, target)
       # 0 until a teacher exists, so the log never shows a loss vs nothing.
       d = jnp.where(has_teacher, d, 0.0)
-      return task + alpha * d, {**aux, "distill_loss": d, "alpha": alpha}
+      return task + alpha * d, {**aux, "distill_loss": d, "alpha": alpha,
+                                "teacher_held": has_teacher.astype(
+                                    jnp.float32)}
 
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)

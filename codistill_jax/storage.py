@@ -3,7 +3,8 @@
 A job holds several Orbax managers: per group it drives, one for its own
 TrainState (`checkpoint.Checkpointer`) and, when it codistils, one for the
 params it publishes to its peers (`exchange.Publisher`). The rules that keep
-them from deadlocking a multi-process job live here and nowhere else:
+them from deadlocking a multi-process job, and runs from trampling each
+other, live here and nowhere else:
 
   * Every manager has barrier keys of its own (its name), so one manager's
     cross-process barrier is never met by another's arrivals.
@@ -13,79 +14,186 @@ them from deadlocking a multi-process job live here and nowhere else:
   * In a multi-process job SIGTERM is JAX's: a Python handler would replace
     its preemption notifier and the agreed stop step would never come, so
     `Preemption` asks JAX's sync point there and keeps a handler only in a
-    single process.
+    single process. Ctrl-C (SIGINT) takes the same path as SIGTERM.
+  * Run identity: a run publishes under `EXCHANGE_DIR/runs/<run>/`
+    (`checkpoint.run_identity`), commits its identity with every step and
+    only ever lists or deletes there, so many runs can share one root.
+  * One writer per group: `WriterLock` (`WORKDIR/group_<g>/writer.lock`).
+  * Own checkpoints carry an exact checksum; a corrupt newest step is
+    skipped (and moved aside) and the run resumes from the one before.
 
 The loop says `save`, `publish`, `should_stop`; it never branches on the
 process count. Reads (which step to resume, restoring it) write nothing, so
-set-up can fail on bad input and leave the workdir as it was; managers are
-created by `open()`, after set-up has checked everything.
+set-up can fail on bad input and leave the workdir as it was; locks and
+managers are taken by `open()`, after set-up has checked everything.
 """
 
+import datetime
+import json
+import os
 import signal
+import socket
 import threading
+import time
+import uuid
 from typing import Any
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import exchange
 from codistill_jax import paths
+from codistill_jax.errors import ConfigError
+from codistill_jax.errors import StorageError
 
 
 class Storage:
   """The checkpoints and published params of the groups this job drives."""
 
   def __init__(self, workdir: str, exchange_dir: str, groups: list[int],
-               keep: int = 3):
+               keep: int = 3, run: str = "", primary: bool = True):
     """Nothing is created or written here.
 
     Args:
       workdir: the run directory (paths.py gives its layout).
-      exchange_dir: where groups publish params for their peers.
+      exchange_dir: the exchange root the run's groups share.
       groups: the groups whose state this process saves.
       keep: committed own checkpoints kept per group (Orbax max_to_keep).
+      run: the run's identity (`checkpoint.run_identity`).
+      primary: this process writes what only one process of a job writes
+        (locks, run.json, moving corrupt steps aside).
     """
-    self.workdir, self.exchange_dir = workdir, exchange_dir
-    self.groups, self.keep = list(groups), keep
+    self.workdir, self.exchange_root = workdir, exchange_dir
+    self.run = run
+    self.run_dir = paths.run_dir(exchange_dir, run)
+    self.groups, self.keep, self.primary = list(groups), keep, primary
     self.multi_process = jax.process_count() > 1
     self._checkpointers: dict[int, ckpt_lib.Checkpointer] = {}
     self._publishers: dict[int, exchange.Publisher] = {}
+    self._locks: list[WriterLock] = []
+    self._corrupt: dict[int, list[int]] = {g: [] for g in groups}
     self.last_saved: dict[int, int | None] = {g: None for g in groups}
 
   # -- Reads (before anything is written). ----------------------------------
-  def resume_step(self, group: int) -> int | None:
-    """The newest committed own checkpoint of `group`, or None."""
-    steps = ckpt_lib.committed_steps(paths.checkpoints_dir(self.workdir,
-                                                           group))
-    step = steps[-1] if steps else None
-    self.last_saved[group] = step
-    return step
+  def check_writers(self) -> None:
+    """Refuses now if a live process already writes one of our groups."""
+    for g in self.groups:
+      WriterLock(paths.lock_file(self.workdir, g), g, self.workdir).check()
 
-  def restore(self, group: int, step: int, abstract_state: Any) -> Any:
-    """`group`'s own state at a committed `step`, on its shardings."""
-    return ckpt_lib.restore_state(
-        paths.checkpoints_dir(self.workdir, group), step, abstract_state,
-        name=f"restore_g{group}")
+  def resume(self, group: int, abstract_state: Any) -> tuple[int | None, Any]:
+    """(step, state) of `group`'s newest good own checkpoint, or (None, None).
+
+    A corrupt step (damaged after it committed) is skipped with one line
+    naming it, and the one before is tried; `open()` moves skipped steps
+    aside. Only when every committed step is corrupt does it stop.
+    """
+    directory = paths.checkpoints_dir(self.workdir, group)
+    steps = ckpt_lib.committed_steps(directory)
+    for step in reversed(steps):
+      try:
+        state = ckpt_lib.restore_state(directory, step, abstract_state,
+                                       name=f"restore_g{group}")
+      except ckpt_lib.Corrupt as e:
+        logging.warning("group %d: own checkpoint %s/%d is corrupt (%s); "
+                        "resuming from the one before", group, directory,
+                        step, e)
+        self._corrupt[group].append(step)
+        continue
+      self.last_saved[group] = step
+      return step, state
+    if steps:
+      raise ConfigError(
+          f"every own checkpoint of group {group} under {directory} is "
+          f"corrupt (steps {steps}); move them away to train from scratch "
+          "(or from config.init_checkpoint), or use a fresh --workdir")
+    return None, None
 
   # -- Writes. -------------------------------------------------------------
-  def open(self, publishing: list[int] = ()) -> None:
-    """Creates the managers (and their directories): the first writes.
+  def open(self, publishing: list[int] = (), config=None) -> None:
+    """Takes the writer locks and creates the managers: the first writes.
 
     Args:
       publishing: the groups that publish params for peers.
+      config: the run's config, written to the run's exchange folder.
     """
+    if self.primary:
+      for g in self.groups:
+        lock = WriterLock(paths.lock_file(self.workdir, g), g, self.workdir)
+        lock.acquire()
+        self._locks.append(lock)
+      self._move_corrupt_aside()
+      if publishing:
+        self._write_run_file(config)
+        self._note_other_runs()
+    if self.multi_process and any(self._corrupt.values()):
+      # Other processes list steps only after the primary moved them.
+      multihost_utils.sync_global_devices("codistill_corrupt_moved")
     for g in self.groups:
       self._checkpointers[g] = ckpt_lib.Checkpointer(
           paths.checkpoints_dir(self.workdir, g), self.keep,
           name=f"state_g{g}")
     for g in publishing:
-      self._publishers[g] = exchange.Publisher(self.exchange_dir, g)
+      self._publishers[g] = exchange.Publisher(self.run_dir, g, self.run)
 
-  def publishes_skipped(self, group: int) -> int:
-    """Publishes of `group` skipped because its previous save still ran."""
-    return self._publishers[group].skipped
+  def _move_corrupt_aside(self) -> None:
+    for g, steps in self._corrupt.items():
+      directory = paths.checkpoints_dir(self.workdir, g)
+      for step in steps:
+        # Renamed, not deleted: a human may want to look at it; Orbax
+        # ignores names that are not step numbers.
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        os.rename(os.path.join(directory, str(step)),
+                  os.path.join(directory, f"{step}.corrupt-{stamp}"))
+        logging.warning("group %d: moved corrupt step %d aside to %s/%d."
+                        "corrupt-%s", g, step, directory, step, stamp)
+
+  def _write_run_file(self, config) -> None:
+    """run.json in the run's exchange folder (atomic; first writer wins)."""
+    path = os.path.join(self.run_dir, "run.json")
+    if config is None or os.path.exists(path) or "://" in path:
+      return
+    os.makedirs(self.run_dir, exist_ok=True)
+    tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
+    with open(tmp, "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(tmp, path)
+
+  def _note_other_runs(self) -> None:
+    """One line when the exchange root holds other runs' published params."""
+    root = self.exchange_root
+    if "://" in root:
+      return
+    runs = paths.runs_dir(root)
+    others = sorted(r for r in (os.listdir(runs) if os.path.isdir(runs)
+                                else []) if r != self.run)
+    legacy = sorted(d for d in os.listdir(root) if d.startswith("group_") and
+                    os.path.isdir(os.path.join(root, d, "published")))
+    if not others and not legacy:
+      return
+    def identity(path):  # What tells runs apart (as in run_identity).
+      d = _read_json(path)
+      if d:
+        for k in ckpt_lib.RESUMABLE_FIELDS:
+          d.pop(k, None)
+        d.get("codistill", {}).pop("exchange_dir", None)
+      return d
+
+    mine = identity(os.path.join(self.run_dir, "run.json"))
+    described = []
+    for r in others:
+      theirs = identity(os.path.join(paths.run_dir(root, r), "run.json"))
+      diff = (sorted(ckpt_lib.diff_keys(theirs, mine)) if theirs and mine
+              else [])
+      described.append(r + (f" (differs in {', '.join(diff[:3])})"
+                            if diff else ""))
+    if legacy:
+      described.append(f"unlabelled {', '.join(legacy)} of an older layout")
+    logging.warning("exchange dir %s also holds published params of other "
+                    "runs, which this run never reads or deletes: %s", root,
+                    "; ".join(described))
 
   def publish(self, group: int, step: int, params: Any, *, final: bool,
               blocking: bool) -> None:
@@ -106,47 +214,200 @@ class Storage:
     if blocking:
       publisher.wait()
 
+  def publishes_skipped(self, group: int) -> int:
+    """Publishes of `group` skipped because its previous save still ran."""
+    return self._publishers[group].skipped
+
   def save(self, step: int, states: dict[int, Any]) -> None:
-    """Starts async saves of each group's own state at `step`."""
+    """Starts async saves of each group's own state at `step`.
+
+    Each step commits with the run's identity and the state's checksum.
+    """
     for g, state in states.items():
       if self.multi_process and g in self._publishers:
         self._publishers[g].wait()
-      self._checkpointers[g].save(step, state)
+      sums = np.asarray(ckpt_lib.checksum(state)).tolist()
+      self._checkpointers[g].save(step, state, {"run": self.run,
+                                                "checksum": sums})
       self.last_saved[g] = step
 
   def close(self) -> None:
     """Waits for every save and publish to commit, then closes the managers."""
-    for g in self.groups:
-      if g in self._checkpointers:
-        self._checkpointers[g].wait()
-      if g in self._publishers:
-        self._publishers[g].close()
-      if g in self._checkpointers:
-        self._checkpointers[g].close()
+    try:
+      for g in self.groups:
+        if g in self._checkpointers:
+          self._checkpointers[g].wait()
+        if g in self._publishers:
+          self._publishers[g].close()
+        if g in self._checkpointers:
+          self._checkpointers[g].close()
+    finally:
+      self.release()
+
+  def release(self) -> None:
+    """Gives up the writer locks (also on an error: see train.py)."""
+    for lock in self._locks:
+      lock.release()
+    self._locks = []
 
 
+def _read_json(path: str) -> dict | None:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+# ----------------------------------------------------------------------------
+# One writer per group.
+# ----------------------------------------------------------------------------
+def _proc_start(pid: int) -> str | None:
+  """The kernel's start time of process `pid` (tells a reused pid apart)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+class WriterLock:
+  """`WORKDIR/group_<g>/writer.lock`: the one process that writes a group.
+
+  Taken with O_CREAT | O_EXCL, which is atomic on a local filesystem and on
+  NFSv3 and later (an exclusive create is decided by the server). The file
+  names its holder (host, pid, the pid's start time, when) and its holder
+  refreshes its mtime every `HEARTBEAT_S` seconds. A lock is stale when its
+  holder is gone: on the same host, when no process has that pid and start
+  time; seen from another host, when the mtime is older than `STALE_S`
+  (three times NFS's usual 60 s attribute cache, so a live holder is never
+  judged dead). A stale lock is taken over by renaming it aside (only one
+  of several contenders' renames can succeed) and creating a fresh one.
+  """
+
+  HEARTBEAT_S = 20.0
+  STALE_S = 180.0
+
+  def __init__(self, path: str, group: int, workdir: str):
+    self.path, self.group, self.workdir = path, group, workdir
+    self._token = None
+    self._stop = threading.Event()
+    self._thread = None
+
+  def _holder(self) -> dict | None:
+    """The holder's record, or None when there is no live holder."""
+    try:
+      info = _read_json(self.path) if os.path.exists(self.path) else None
+      age = time.time() - os.stat(self.path).st_mtime if info else 0
+    except OSError:
+      return None
+    if info is None:
+      # Unreadable (being written, or torn): young means being written.
+      return ({"host": "?", "pid": "?", "since": "just now"}
+              if os.path.exists(self.path) and age < self.STALE_S else None)
+    if info.get("host") == socket.gethostname():
+      alive = _proc_start(int(info.get("pid", -1))) == info.get("pid_start")
+      return info if alive and info.get("pid") != os.getpid() else None
+    return info if age < self.STALE_S else None
+
+  def _refuse(self, info: dict) -> None:
+    raise ConfigError(
+        f"group {self.group} of --workdir={self.workdir} is being written by "
+        f"pid {info.get('pid')} on {info.get('host')} since "
+        f"{info.get('since')} ({self.path}); stop that run first, or use "
+        "another --workdir")
+
+  def check(self) -> None:
+    """Raises ConfigError if a live process holds the lock (reads only)."""
+    info = self._holder()
+    if info is not None:
+      self._refuse(info)
+
+  def acquire(self) -> None:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    token = uuid.uuid4().hex
+    record = {"host": socket.gethostname(), "pid": os.getpid(),
+              "pid_start": _proc_start(os.getpid()), "token": token,
+              "since": datetime.datetime.now(datetime.timezone.utc).strftime(
+                  "%Y-%m-%d %H:%M:%S UTC")}
+    for _ in range(2):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        info = self._holder()
+        if info is not None:
+          self._refuse(info)
+        try:  # Stale: move it aside; of several contenders one wins.
+          os.rename(self.path, f"{self.path}.stale.{token}")
+          logging.warning("group %d: took over the stale writer lock %s",
+                          self.group, self.path)
+          os.remove(f"{self.path}.stale.{token}")
+        except FileNotFoundError:
+          pass  # Another contender moved it first; try to create again.
+        continue
+      except OSError as e:
+        raise StorageError(f"cannot write {self.path}: {e.strerror}; point "
+                           "--workdir at a writable directory") from None
+      with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+      self._token = token
+      self._thread = threading.Thread(target=self._beat, daemon=True,
+                                      name=f"writer-lock-g{self.group}")
+      self._thread.start()
+      return
+    self._refuse(self._holder() or {"host": "?", "pid": "?", "since": "?"})
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.HEARTBEAT_S):
+      try:
+        os.utime(self.path)
+      except OSError:
+        pass  # Taken over or unreachable: the next save reports the disk.
+
+  def release(self) -> None:
+    if self._token is None:
+      return
+    self._stop.set()
+    if (_read_json(self.path) or {}).get("token") == self._token:
+      try:
+        os.remove(self.path)
+      except OSError:
+        pass
+    self._token = None
+
+
+# ----------------------------------------------------------------------------
+# Stopping cleanly.
+# ----------------------------------------------------------------------------
 class Preemption:
-  """SIGTERM -> a flag the loop checks each step: save, then exit cleanly.
+  """SIGTERM or Ctrl-C -> a flag the loop checks each step: save, then exit.
 
   In a multi-process job all processes must stop at the same step, so there
-  the decision comes from JAX's preemption sync point instead (and no Python
-  handler is installed: it would replace JAX's notifier).
+  the decision comes from JAX's preemption sync point instead: no Python
+  SIGTERM handler is installed (it would replace JAX's notifier), and Ctrl-C
+  is turned into a SIGTERM to this process for JAX to see.
   """
 
   def __init__(self):
     self.requested = False
-    self._old = None
+    self._old = {}
     self._multi_process = jax.process_count() > 1
 
   def __enter__(self):
-    if (not self._multi_process and
-        threading.current_thread() is threading.main_thread()):
-      self._old = signal.signal(signal.SIGTERM, self._handle)
+    if threading.current_thread() is threading.main_thread():
+      signals = (signal.SIGINT,) if self._multi_process else (
+          signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
+        self._old[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and exiting.")
+    del frame
+    if self._multi_process:  # JAX's notifier decides the common stop step.
+      os.kill(os.getpid(), signal.SIGTERM)
+      return
+    logging.warning("%s: saving a checkpoint and exiting.",
+                    signal.Signals(signum).name)
     self.requested = True
 
   def should_stop(self, step: int) -> bool:
@@ -155,5 +416,5 @@ class Preemption:
     return self.requested
 
   def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
+    for sig, old in self._old.items():
+      signal.signal(sig, old)

@@ -45,7 +45,6 @@ import numpy as np
 from codistill_jax import build
 from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import distill
-from codistill_jax import exchange
 from codistill_jax import mesh as mesh_lib
 from codistill_jax.errors import ConfigError
 
@@ -208,8 +207,8 @@ def write(config, teacher_path: str, out: str) -> dict:
         "data": data_identity(config, datasets),
         "teacher": {"step_dir": os.path.realpath(step_dir),
                     "model_name": name, "model_kwargs": kwargs,
-                    "params_fingerprint": np.asarray(
-                        exchange.fingerprint(params)).tolist()},
+                    "params_checksum": np.asarray(
+                        ckpt_lib.checksum(params)).tolist()},
         "arrays": {k: {"shape": list(a.shape), "dtype": str(a.dtype)}
                    for k, a in arrays.items()},
     }

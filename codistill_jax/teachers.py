@@ -10,7 +10,8 @@ holds one source per group and calls each hook once per phase:
                   uses it without building a source.
   wrap(batches)   the group's batch stream (the service and the store add
                   `batch['teacher']`).
-  step_args()     the step's extra arguments this step (stacked `Teachers`).
+  step_args(step) the extra arguments of the update from `step` (stacked
+                  `Teachers`).
   share(step, params)   after every group's step: publish own params (peers).
   refresh(step)   after every group shared: pick up new teachers (peers).
   metrics(step)   scalars for the log at a log step.
@@ -75,7 +76,8 @@ class Source:
   def wrap(self, batches: Iterator[dict]) -> Iterator[dict]:
     return batches
 
-  def step_args(self) -> tuple:
+  def step_args(self, step: int) -> tuple:
+    del step
     return ()
 
   def share(self, step: int, params: Any) -> None:
@@ -115,14 +117,18 @@ class Peers(Source):
     self.group, self.storage, self.total = group, storage, total_steps
     self.every, self.blocking = cd.exchange_every, cd.exchange_blocking
     peers = [h for h in range(cd.num_groups) if h != group]
-    self.reader = exchange.PeerReader(storage.exchange_dir, peers,
-                                      setup.abstract.params, cd.teacher_dtype)
+    self.reader = exchange.PeerReader(storage.run_dir, peers,
+                                      setup.abstract.params, cd.teacher_dtype,
+                                      run=storage.run)
     # A resumed group picks up what its peers published; with the blocking
     # exchange before its first step, so that a resumed run is exact.
     self.reader.refresh(block=self.blocking)
     exchange.warm_up(params)
     self.blocked_s = 0.0  # Host time the loop spent in the exchange.
     self._wall0 = None  # When the loop took its first teachers.
+    # Per peer, the staleness of the teacher each update of the log window
+    # used: [sum, max, count, the newest peer step used].
+    self._window = {s.group: [0, 0, 0, None] for s in self.reader.slots}
 
   @classmethod
   def layout(cls, config, setup, batch):
@@ -138,10 +144,15 @@ class Peers(Source):
     self.blocked_s += time.perf_counter() - t
     return out
 
-  def step_args(self) -> tuple:
+  def step_args(self, step):
     if self._wall0 is None:
       self._wall0 = time.time()
-    return (self._timed(self.reader.teachers),)
+    teachers = self._timed(self.reader.teachers)
+    for group, held in self.reader.held_steps().items():
+      if held is not None:  # How many steps older the teacher is.
+        w = self._window[group]
+        w[:] = w[0] + step - held, max(w[1], step - held), w[2] + 1, held
+    return (teachers,)
 
   def share(self, step, params):
     if cadence.is_time(step, self.every):
@@ -156,7 +167,18 @@ class Peers(Source):
       self._timed(self.reader.start_refresh)
 
   def metrics(self, step):
-    return {**self.reader.staleness(step),
+    """Per peer over the updates since the last log (absent until its params
+    are held): staleness mean and max, and the newest peer step used; then
+    restore failures and the exchange's cost."""
+    del step
+    out = {}
+    for group, (total, worst, n, newest) in self._window.items():
+      if n:
+        out[f"staleness/group_{group}"] = total / n
+        out[f"staleness_max/group_{group}"] = worst
+        out[f"teacher_step/group_{group}"] = newest
+      self._window[group] = [0, 0, 0, None]
+    return {**out, **self.reader.failures(),
             "exchange_blocked_share": self.blocked_s / max(
                 time.time() - (self._wall0 or time.time()), 1e-9),
             "publishes_skipped": self.storage.publishes_skipped(self.group)}
@@ -205,7 +227,8 @@ class FromCheckpoint(Source):
     return Layout(distills=True, teacher=teacher, args=(stacked_layout(
         abstract, 1, config.codistill.teacher_dtype),))
 
-  def step_args(self):
+  def step_args(self, step):
+    del step
     return (self.teachers,)
 
 
@@ -361,6 +384,12 @@ def check_config(config) -> None:
   cd = config.codistill
   config_lib.check_choice(config, "codistill.teacher_source", SOURCES)
   config_lib.check_choice(config, "codistill.teacher_dtype", TEACHER_DTYPES)
+  distils = source_class(config) is not NoTeachers and cd.alpha > 0
+  if distils and cd.burn_in_steps >= config.total_steps:
+    raise ConfigError(f"config.codistill.burn_in_steps={cd.burn_in_steps} is "
+                      f"not shorter than config.total_steps="
+                      f"{config.total_steps}: alpha would stay 0 and nothing "
+                      "would be distilled; use a shorter burn-in")
   if cd.teacher_source in ("checkpoint", "service"):
     if not cd.teacher_checkpoint:
       raise ConfigError(f"config.codistill.teacher_source="

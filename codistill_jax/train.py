@@ -59,13 +59,38 @@ class Group:
   pending: list = dataclasses.field(default_factory=list)  # Device metrics.
 
 
-def _check_finite(step: int, scalars: dict, last_saved: int | None, g: int):
-  bad = {k: v for k, v in scalars.items() if not np.isfinite(v)}
-  if bad:
-    raise FloatingPointError(
-        f"group {g}: {bad} at step {step}; the last good checkpoint is step "
-        f"{last_saved}. Lower config.optimizer.learning_rate or set "
-        "config.optimizer.grad_clip_norm")
+def _check_finite(config, step: int, stacked: dict, last_saved: int | None,
+                  g: int) -> None:
+  """Stops on the first update whose metrics are not finite, naming the knob.
+
+  Args:
+    config: the run's config (the fix names its values).
+    step: the step of the newest update in `stacked`.
+    stacked: per-update metrics, each [n] for the n newest updates.
+    last_saved: the newest committed own checkpoint (every one is finite).
+    g: the group.
+  """
+  rows = {k: np.atleast_1d(np.asarray(v, np.float64)) for k, v in
+          stacked.items()}
+  bad_rows = np.flatnonzero(~np.all([np.isfinite(v) for v in rows.values()],
+                                    axis=0))
+  if not bad_rows.size:
+    return
+  i = int(bad_rows[0])
+  first = step - len(next(iter(rows.values()))) + i + 1
+  bad = {k: float(v[i]) for k, v in rows.items() if not np.isfinite(v[i])}
+  cd, opt = config.codistill, config.optimizer
+  if "distill_loss" in bad and "task_loss" not in bad:
+    fix = (f"lower config.codistill.alpha (now {cd.alpha}) or bring "
+           f"config.codistill.temperature (now {cd.temperature}) nearer 1")
+  else:
+    fix = (f"lower config.optimizer.learning_rate (now "
+           f"{opt.learning_rate}) or set config.optimizer.grad_clip_norm "
+           f"(now {opt.grad_clip_norm})")
+  raise FloatingPointError(
+      f"group {g}: {bad} at step {first}; the last good checkpoint is step "
+      f"{last_saved}; {fix}, and rerun with a new --workdir "
+      "(config.init_checkpoint=<this workdir> starts from its params)")
 
 
 def _process_slot(procs: list[int]) -> tuple[int, int]:
@@ -98,8 +123,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   procs_of = {g: sorted({d.process_index for d in devices[g]}) for g in groups}
   owned = [g for g in groups if jax.process_index() in procs_of[g]]
   total = config.total_steps
-  storage = storage_lib.Storage(workdir, paths.exchange_dir(config, workdir),
-                                owned, config.keep_checkpoints)
+  storage = storage_lib.Storage(
+      workdir, paths.exchange_dir(config, workdir), owned,
+      config.keep_checkpoints, run=ckpt_lib.run_identity(config),
+      primary=jax.process_index() == 0)
+  storage.check_writers()
   sources = teachers_lib.Sources(config, storage, total)
 
   # --------------------------------------------------------------------------
@@ -118,9 +146,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     setup = build.build(config, datasets, mesh)
 
     # Resume order: own checkpoint, then config.init_checkpoint, then scratch.
-    start = storage.resume_step(g)
+    start, state = storage.resume(g, setup.abstract)
     if start is not None:
-      state = storage.restore(g, start, setup.abstract)
       logging.info("group %d: resumed from its own checkpoint at step %d",
                    g, start)
     else:
@@ -150,7 +177,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --------------------------------------------------------------------------
   # The first writes: managers, the run's identity, metric writers.
   # --------------------------------------------------------------------------
-  storage.open(publishing=owned if sources.publishes else [])
+  storage.open(publishing=owned if sources.publishes else [], config=config)
+  try:
+    final = _loop(config, workdir, run, storage, procs_of)
+  finally:
+    storage.release()  # The locks go even when the loop fails.
+  storage.close()
+  sources.close()
+  return final
+
+
+def _loop(config, workdir: str, run: list[Group], storage, procs_of) -> dict:
+  """Trains `run`'s groups to config.total_steps (or a stop); returns evals."""
+  total = config.total_steps
   if jax.process_index() == 0:
     ckpt_lib.write_config(workdir, config)
   for grp in run:
@@ -199,7 +238,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           continue  # This group resumed from a later checkpoint.
         batch = mesh_lib.shard_batch(next(grp.batches), grp.batch_sharding)
         grp.state, m = grp.train_step(grp.state, batch,
-                                      *grp.source.step_args())
+                                      *grp.source.step_args(step))
         grp.pending.append(m)
         if len(grp.pending) > MAX_STEPS_AHEAD:
           # Bound async dispatch: otherwise the host queues hundreds of steps
@@ -222,11 +261,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         t0, s0 = now, done
         losses_str = []
         for grp in run:
-          scalars = {k: float(np.mean(v)) for k, v in jax.device_get(
-              jax.tree.map(lambda *x: jnp.stack(x), *grp.pending)).items()}
+          stacked = jax.device_get(
+              jax.tree.map(lambda *x: jnp.stack(x), *grp.pending))
           grp.pending.clear()
-          _check_finite(done, scalars, storage.last_saved[grp.index],
+          _check_finite(config, done, stacked, storage.last_saved[grp.index],
                         grp.index)
+          scalars = metrics_lib.window_means(stacked)
           scalars["steps_per_sec"] = rate
           scalars.update(grp.source.metrics(done))
           grp.writer.write(done, scalars)
@@ -257,16 +297,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           # Never commit a non-finite state: param_norm is of the new params.
           if grp.pending:
             newest = jax.device_get(grp.pending[-1])
-            _check_finite(done, {k: float(v) for k, v in newest.items()},
-                          storage.last_saved[grp.index], grp.index)
+            _check_finite(config, done, newest, storage.last_saved[grp.index],
+                          grp.index)
         storage.save(done, {grp.index: grp.state for grp in run})
       if stop:
-        logging.warning("stopped at step %d after SIGTERM; resume with the "
-                        "same command", done)
+        logging.warning("stopped at step %d after SIGTERM or Ctrl-C; resume "
+                        "with the same command", done)
         break
 
-  storage.close()
-  sources.close()
   for grp in run:
     grp.writer.close()
   ensemble_writer.close()

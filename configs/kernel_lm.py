@@ -63,6 +63,10 @@ def get_config(arg=None):
     c.data.eval_batch_size = 64
     c.optimizer.warmup_steps = 0
     c.total_steps = 10
+    # Distils within the quick run's steps: exchange at 3, 6, 9; alpha > 0
+    # from step 3 once a peer's params are held.
+    c.codistill.exchange_every = 3
+    c.codistill.burn_in_steps = 3
     c.log_every = 5
     c.eval_every = 10
     c.checkpoint_every = 5

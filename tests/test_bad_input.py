@@ -9,7 +9,9 @@ and JAX start-up); the parametrized tests then check one case each.
 """
 
 import concurrent.futures
+import glob
 import gzip
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -101,6 +103,55 @@ CASES = [
      ["--workdir={corrupt_run}", "--config.model.hidden_sizes=(7,)",
       "--config.total_steps=2"],
      "corrupt"),
+    ("init_checkpoint_corrupt", FLIGHTS,
+     ["--config.init_checkpoint={truncated_run}"], "unreadable or corrupt"),
+    # Config files that do not load.
+    ("config_file_syntax_error", "{syntax_config}", [], "not valid Python"),
+    ("config_file_not_python", "{yaml_config}", [], "not a .py file"),
+    ("config_file_raises", "{raising_config}", [], "raised RuntimeError"),
+    ("config_file_returns_dict", "{dict_config}", [], "not a ConfigDict"),
+    ("config_file_imports_missing", "{missing_import_config}", [],
+     "imports a module that is missing"),
+    # Numbers out of their range, one per class of range (every range is
+    # enforced in-process by tests/test_config.py).
+    ("seed_beyond_64_bits", FLIGHTS, ["--config.seed=99999999999999999999"],
+     "config.seed="),
+    ("warmup_longer_than_run", FLIGHTS,
+     ["--config.optimizer.warmup_steps=50"], "warmup_steps"),
+    ("burn_in_longer_than_run", "configs/flights_codistill.py:quick",
+     ["--config.codistill.burn_in_steps=50"], "burn_in_steps"),
+    ("clip_norm_negative", FLIGHTS, ["--config.optimizer.grad_clip_norm=-1.0"],
+     "grad_clip_norm"),
+    ("adam_beta_one", FLIGHTS, ["--config.optimizer.b2=1.0"], "b2"),
+    ("dropout_one", FLIGHTS, ["--config.model.dropout_rate=1.0"],
+     "dropout_rate"),
+    ("width_zero", FLIGHTS, ["--config.model.embed_dim=0"], "embed_dim"),
+    ("temperature_absurd", FLIGHTS, ["--config.codistill.temperature=1e6"],
+     "temperature"),
+    # Paths.
+    ("workdir_dangling_symlink", FLIGHTS, ["--workdir={dangling_link}"],
+     "dangling symlink"),
+    ("workdir_symlink_loop", FLIGHTS, ["--workdir={loop_link}"],
+     "symlink loop"),
+    ("config_json_empty", FLIGHTS, ["--workdir={empty_config_json_run}"],
+     "config.json (the run's identity) is unreadable"),
+    ("config_json_truncated", FLIGHTS,
+     ["--workdir={truncated_config_json_run}"],
+     "config.json (the run's identity) is unreadable"),
+    ("exchange_dir_is_a_file", FLIGHTS,
+     ["--config.codistill.exchange_dir={a_file}"],
+     "config.codistill.exchange_dir="),
+    ("gs_without_the_gcs_filesystem", FLIGHTS,
+     ["--config.codistill.exchange_dir=gs://some-bucket/x"],
+     "pip install -e .[gcs]"),
+    # Process and platform flags.
+    ("num_processes_alone", FLIGHTS, ["--num_processes=2"],
+     "--coordinator_address"),
+    ("process_id_out_of_range", FLIGHTS,
+     ["--coordinator_address=127.0.0.1:1234", "--num_processes=2",
+      "--process_id=5"], "--process_id=5"),
+    ("absent_platform", FLIGHTS, [], "JAX_PLATFORMS='tpu'",
+     {"JAX_PLATFORMS": "tpu"}),
 ]
 
 
@@ -144,15 +195,51 @@ def files(tmp_path_factory):
   shutil.copytree(out["other_arch_run"], out["corrupt_run"])
   os.remove(os.path.join(out["corrupt_run"], "group_0", "checkpoints", "2",
                          "default", "_METADATA"))
+  # The same run with its array files cut short (for init_checkpoint).
+  out["truncated_run"] = str(root / "truncated")
+  shutil.copytree(out["other_arch_run"], out["truncated_run"])
+  for f in glob.glob(os.path.join(out["truncated_run"], "**", "d", "*"),
+                     recursive=True):
+    os.truncate(f, os.path.getsize(f) // 3)
+  # Config files that do not load.
+  for name, body in [
+      ("syntax_config", "def get_config(:\n"),
+      ("raising_config", "def get_config(arg=None):\n  raise RuntimeError("
+       "'boom')\n"),
+      ("dict_config", "def get_config(arg=None):\n  return {'seed': 0}\n"),
+      ("missing_import_config", "import no_such_module_xyz\n")]:
+    out[name] = str(root / f"{name}.py")
+    with open(out[name], "w") as f:
+      f.write(body)
+  out["yaml_config"] = str(root / "config.yaml")
+  with open(out["yaml_config"], "w") as f:
+    f.write("seed: 0\n")
+  # Workdirs that are links to nowhere, or to themselves.
+  out["dangling_link"] = str(root / "dangling")
+  os.symlink(str(root / "nowhere"), out["dangling_link"])
+  out["loop_link"] = str(root / "loop")
+  os.symlink(out["loop_link"], out["loop_link"])
+  # Runs whose config.json (their identity) was damaged.
+  for name, text in (("empty_config_json_run", ""),
+                     ("truncated_config_json_run", '{"seed": 0, "mod')):
+    out[name] = str(root / name)
+    shutil.copytree(out["other_arch_run"], out[name])
+    with open(os.path.join(out[name], "config.json"), "w") as f:
+      f.write(text)
+  out["a_file"] = str(root / "a_file")
+  with open(out["a_file"], "w") as f:
+    f.write("not a directory")
   return out
 
 
-def cli(*args):
+def cli(*args, env=None, module="codistill_jax.main"):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  return subprocess.run([sys.executable, "-m", "codistill_jax.main", *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300)
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         **(env or {})}
+  cmd = ([sys.executable, module] if module.endswith(".py") else
+         [sys.executable, "-m", module])
+  return subprocess.run([*cmd, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +248,7 @@ def results(files, tmp_path_factory):
   root = tmp_path_factory.mktemp("bad_runs")
 
   def one(case):
-    name, config, args, _ = case
+    name, config, args, _, *env = case
     args = [a.format(**files) for a in args]
     workdir = next((a.split("=", 1)[1] for a in args
                     if a.startswith("--workdir=")), None)
@@ -170,8 +257,8 @@ def results(files, tmp_path_factory):
       args.append(f"--workdir={workdir}")
     before = snapshot(workdir) if workdir and os.path.exists(workdir) else None
     if config:
-      args.insert(0, f"--config={config}")
-    return name, (cli(*args), workdir, before)
+      args.insert(0, f"--config={config.format(**files)}")
+    return name, (cli(*args, env=env[0] if env else None), workdir, before)
 
   with concurrent.futures.ThreadPoolExecutor(3) as pool:
     return dict(pool.map(one, CASES))
@@ -181,6 +268,9 @@ def results(files, tmp_path_factory):
                          ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(results, name,
                                                          words):
+  if name == "gs_without_the_gcs_filesystem" and importlib.util.find_spec(
+      "gcsfs"):
+    pytest.skip("the GCS filesystem is installed here")
   result, workdir, before = results[name]
   err = result.stderr
   assert result.returncode == 2, (result.returncode, err[-3000:])
@@ -197,3 +287,33 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(results, name,
 def test_matrix_size():
   assert len(CASES) >= 20
   assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("module,args,words", [
+    ("codistill_jax.churn", ["--run_a={corrupt_run}", "--run_b={corrupt_run}"],
+     "unreadable or corrupt"),
+    ("codistill_jax.churn", ["--run_a={empty_dir}", "--run_b={empty_dir}"],
+     "config.json not found"),
+    ("codistill_jax.compile_check", ["--config=" + FLIGHTS,
+                                     "--num_devices=0"], "--num_devices=0"),
+    ("codistill_jax.target_store", ["--config=" + FLIGHTS,
+                                    "--teacher={empty_dir}", "--out={a_file}"],
+     "exists"),
+    ("experiments/launch_local.py", ["--config=" + FLIGHTS,
+                                     "--workdir={empty_dir}/l",
+                                     "--config.totl_steps=3"],
+     "unknown config field 'totl_steps'"),
+    ("experiments/launch_local.py", ["--config=" + FLIGHTS,
+                                     "--workdir={empty_dir}/l",
+                                     "--config.optimizer.b1=2.0"],
+     "config.optimizer.b1=2.0 must be"),
+], ids=["churn_corrupt_run", "churn_not_a_run", "compile_check_no_devices",
+        "target_store_out_exists", "launcher_typo", "launcher_bad_value"])
+def test_other_commands_are_one_line_exit_2(files, module, args, words):
+  result = cli(*[a.format(**files) for a in args], module=module)
+  err = result.stderr
+  assert result.returncode == 2, (result.returncode, err[-3000:])
+  lines = [l for l in err.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and words in lines[0], err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  assert not os.path.exists(os.path.join(files["empty_dir"], "l"))

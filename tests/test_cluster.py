@@ -59,8 +59,8 @@ def slurm_task(task, ntasks, job_id, *args, log):
 def peer_steps(workdir, g, peer):
   path = os.path.join(workdir, f"group_{g}", "metrics.jsonl")
   rows = metrics.read_jsonl(path) if os.path.exists(path) else []
-  key = f"staleness/group_{peer}"
-  return [r["step"] - r[key] for r in rows if key in r]
+  key = f"teacher_step/group_{peer}"
+  return [r[key] for r in rows if key in r]
 
 
 def test_slurm_multi_process_group_and_a_separate_job_share_an_exchange_dir(
@@ -96,7 +96,9 @@ def test_slurm_multi_process_group_and_a_separate_job_share_an_exchange_dir(
   # Each job has its own checkpoints; they met only in the shared dir.
   assert os.listdir(os.path.join(run0, "group_0", "checkpoints")) == ["600"]
   assert os.listdir(os.path.join(run1, "group_1", "checkpoints")) == ["600"]
-  assert sorted(os.listdir(shared)) == ["group_0", "group_1"]
+  (run,) = os.listdir(os.path.join(shared, "runs"))  # One run, both groups.
+  assert sorted(os.listdir(os.path.join(shared, "runs", run))) == [
+      "group_0", "group_1", "run.json"]
   assert peer_steps(run0, 0, 1) and peer_steps(run1, 1, 0)
 
 

@@ -48,18 +48,25 @@ def test_two_groups_on_sub_meshes_exchange_and_distil(tmp_path):
     # After it, alpha is 1 as soon as a peer's params are held: blocking
     # exchange reloads them at step 4, so from step 7 on.
     assert all(by_step[s]["alpha"] == 1.0 for s in range(7, 21))
-    # Exchange cadence: the peer step held at step s is the last multiple of
-    # 4 at or before s (staleness 0..3), never in the future.
+    # Exchange cadence: the update from step t uses the peer's step of the
+    # last exchange at or before t (a multiple of 4; staleness 0..3), never
+    # one from the future. The row of step s logs the update from s - 1 (one
+    # update a window here), and none before a teacher is held.
     peer = 1 - g
-    held = {s: s - r[f"staleness/group_{peer}"] for s, r in by_step.items()
-            if f"staleness/group_{peer}" in r}
-    assert held == {s: s - s % 4 for s in range(4, 21)}
+    held = {s: (s - 1) - r[f"staleness/group_{peer}"]
+            for s, r in by_step.items() if f"staleness/group_{peer}" in r}
+    assert held == {s: (s - 1) - (s - 1) % 4 for s in range(5, 21)}
+    assert all(r[f"staleness_max/group_{peer}"] ==
+               r[f"staleness/group_{peer}"] for r in rows
+               if f"staleness/group_{peer}" in r)
+    # Peer metrics only once a teacher is held (no placeholders before).
+    assert all(("peer_abs_diff" in by_step[s]) == (s >= 5) for s in by_step)
     # Distillation is on and visible once a teacher arrived after burn-in.
     assert all(r["distill_loss"] > 0 for r in rows if r["alpha"] == 1.0)
     assert all(r[f"restore_failures/group_{peer}"] == 0 for r in rows
                if f"restore_failures/group_{peer}" in r)
-    steps = checkpoint.committed_steps(
-        paths.published_dir(str(tmp_path), g))
+    steps = checkpoint.committed_steps(paths.published_dir(
+        paths.run_dir(str(tmp_path), checkpoint.run_identity(config)), g))
     assert steps == [12, 16, 20]  # max_to_keep = 3.
   # Per-group, ensemble and agreement metrics at the end.
   assert "test/auc" in final[0] and "test/auc" in final[1]
@@ -78,10 +85,10 @@ def test_background_exchange_delivers_teachers(tmp_path):
   for g in (0, 1):
     rows = [r for r in metrics.read_jsonl(
         str(tmp_path / f"group_{g}" / "metrics.jsonl")) if "loss" in r]
-    key = f"staleness/group_{1 - g}"
-    held = [(r["step"], r["step"] - r[key]) for r in rows if key in r]
+    key = f"teacher_step/group_{1 - g}"
+    held = [(r["step"], r[key]) for r in rows if key in r]
     assert held, "the peer's params never arrived"
-    assert all(h % 4 == 0 and 0 < h <= s for s, h in held)
+    assert all(h % 4 == 0 and 0 < h < s for s, h in held)
     assert rows[-1]["alpha"] == 1.0 and rows[-1]["distill_loss"] > 0
 
 
@@ -113,7 +120,7 @@ def test_one_group_ignores_codistill_settings_bitwise(tmp_path):
   train.train_and_evaluate(tweaked, str(tmp_path / "g1"))
   assert_trees_equal(restore_params(str(tmp_path / "base"), 12),
                      restore_params(str(tmp_path / "g1"), 12))
-  assert not (tmp_path / "g1" / "group_0" / "published").exists()
+  assert not (tmp_path / "g1" / "runs").exists()  # Nothing published.
 
 
 @pytest.mark.slow
@@ -188,8 +195,8 @@ def launch(workdir, *args, timeout=500):
 def _peer_steps_seen(workdir, g, peer):
   rows = metrics.read_jsonl(os.path.join(workdir, f"group_{g}",
                                          "metrics.jsonl"))
-  return [r["step"] - r[f"staleness/group_{peer}"] for r in rows
-          if f"staleness/group_{peer}" in r]
+  return [r[f"teacher_step/group_{peer}"] for r in rows
+          if f"teacher_step/group_{peer}" in r]
 
 
 @pytest.mark.slow
@@ -246,7 +253,9 @@ def test_ctrl_c_to_the_launcher_saves_every_group_and_rerun_resumes(tmp_path):
     time.sleep(0.2)
   proc.send_signal(signal.SIGINT)
   out, _ = proc.communicate(timeout=240)
-  assert proc.returncode == 0, out
+  # Stopped early, every group saved: the launcher's "resumable" code.
+  assert proc.returncode == 75, out
+  assert "rerun the same command to resume" in out
   for g in (0, 1):
     steps = [int(d) for d in os.listdir(tmp_path / f"group_{g}" / "checkpoints")
              if d.isdigit()]
@@ -263,7 +272,7 @@ def test_ctrl_c_to_the_launcher_saves_every_group_and_rerun_resumes(tmp_path):
     time.sleep(0.2)
   rerun.send_signal(signal.SIGTERM)
   out, _ = rerun.communicate(timeout=240)
-  assert rerun.returncode == 0, out
+  assert rerun.returncode == 75, out
   for f in ("group_0.proc_0.log", "group_1.proc_0.log"):
     assert "resumed from its own checkpoint" in (tmp_path / "logs" / f
                                                  ).read_text()

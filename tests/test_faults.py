@@ -17,7 +17,9 @@ Figures (trials, kill steps, what each group held) are printed; run with
 `-s` to see them.
 """
 
+import glob
 import json
+import logging
 import os
 import random
 import re
@@ -115,6 +117,15 @@ def ckpt_dir(workdir, group):
   return os.path.join(workdir, f"group_{group}", "checkpoints")
 
 
+def published(workdir, group):
+  """The group's published dir under the one run folder of `workdir`."""
+  runs = [r for r in glob.glob(os.path.join(paths.runs_dir(workdir), "*"))
+          if os.path.isdir(r)]
+  assert len(runs) <= 1, runs
+  return paths.published_dir(runs[0] if runs else paths.run_dir(
+      workdir, "none-yet"), group)
+
+
 def committed(directory):
   return checkpoint.committed_steps(directory)
 
@@ -127,10 +138,9 @@ def uncommitted(directory):
 
 
 def held_steps(workdir, group, peer):
-  """(own step, peer step held as teacher, row) for every logged row."""
-  key = f"staleness/group_{peer}"
-  return [(r["step"], r["step"] - r[key], r) for r in rows(workdir, group)
-          if key in r]
+  """(own step, newest peer step used as teacher, row) for every log row."""
+  key = f"teacher_step/group_{peer}"
+  return [(r["step"], r[key], r) for r in rows(workdir, group) if key in r]
 
 
 def final_metrics(workdir, group):
@@ -183,9 +193,9 @@ def run_job_with_kills(workdir, num_groups, num_kills, rng):
           "groups": num_groups, "victim": victim, "kill_at": kill_at,
           "logged": last_step(workdir, victim), "time": time.time(),
           "checkpoints": committed(ckpt_dir(workdir, victim)),
-          "published": committed(paths.published_dir(workdir, victim)),
+          "published": committed(published(workdir, victim)),
           "tmp_left": uncommitted(ckpt_dir(workdir, victim)) + uncommitted(
-              paths.published_dir(workdir, victim)),
+              published(workdir, victim)),
           "others_at": {h: last_step(workdir, h) for h in others},
           "others_running": [h for h in others if procs[h].poll() is None]}
       # The others train on: wait for two more exchanges (or their end).
@@ -247,7 +257,7 @@ def check_job(workdir, num_groups):
     assert max(committed(ckpt_dir(workdir, g))) == TOTAL
     # What kills left half-written went when the group restarted.
     assert not uncommitted(ckpt_dir(workdir, g))
-    assert not uncommitted(paths.published_dir(workdir, g))
+    assert not uncommitted(published(workdir, g))
     for h in set(range(num_groups)) - {g}:
       held = held_steps(workdir, g, h)
       assert held, (g, h)
@@ -385,15 +395,21 @@ def test_damaged_peer_checkpoints_are_skipped_by_a_reader_process(tmp_path):
   setup = build.build(config, datasets, mesh)
   params = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(
       jax.random.PRNGKey(1)).params
-  scratch = str(tmp_path / "scratch")
-  publisher = exchange.Publisher(scratch, 1, max_to_keep=10)
+  # The reader's run (start_group's flags below) owns what it reads.
+  reader_config = load_config("flights_codistill")
+  reader_config.total_steps = 100000
+  reader_config.codistill.exchange_every = 10
+  reader_config.codistill.burn_in_steps = 0
+  run = checkpoint.run_identity(reader_config)
+  scratch = paths.run_dir(str(tmp_path / "scratch"), run)
+  publisher = exchange.Publisher(scratch, 1, run, max_to_keep=10)
   for s in (10, 20, 30, 40, 50):
     publisher.publish(s, params)
     publisher.wait()
   publisher.close()
   source = paths.published_dir(scratch, 1)
   shared = str(tmp_path / "shared")
-  target = paths.published_dir(shared, 1)
+  target = paths.published_dir(paths.run_dir(shared, run), 1)
   os.makedirs(target)
 
   def drop(step, damage=None):
@@ -546,3 +562,208 @@ def test_disk_full_mid_run_is_one_line_exit_2_and_rerun_resumes(
   assert finish(rerun) == 0
   text = open(os.path.join(logdir, "rerun.log")).read()
   assert f"resumed from its own checkpoint at step {max(good)}" in text
+
+
+# ---------------------------------------------------------------------------
+# Runs sharing storage, one writer per workdir, orphans, own checkpoints,
+# Ctrl-C.
+# ---------------------------------------------------------------------------
+def _codistill(shared, seed, total, **model):
+  config = load_config("flights_codistill")
+  config.seed, config.total_steps, config.log_every = seed, total, 1
+  config.checkpoint_every = config.eval_every = total
+  cd = config.codistill
+  cd.exchange_every, cd.exchange_blocking, cd.burn_in_steps = 5, True, 0
+  cd.exchange_dir = shared
+  for k, v in model.items():
+    config.model[k] = v
+  return config
+
+
+def test_two_runs_on_one_exchange_root_never_cross_read_or_delete(
+    tmp_path, caplog):
+  from codistill_jax import train  # pylint: disable=g-import-not-at-top
+  shared = str(tmp_path / "shared")
+  first = _codistill(shared, 0, 40)
+  train.train_and_evaluate(first, str(tmp_path / "a"))
+  run_a = paths.run_dir(shared, checkpoint.run_identity(first))
+  kept = {g: committed(paths.published_dir(run_a, g)) for g in (0, 1)}
+  assert kept == {0: [30, 35, 40], 1: [30, 35, 40]}
+  # Another seed, then another architecture, on the same root: shorter runs
+  # whose own steps never reach run a's.
+  for i, config in enumerate([_codistill(shared, 1, 20),
+                              _codistill(shared, 0, 20, hidden_sizes=(8,))]):
+    caplog.clear()
+    workdir = str(tmp_path / f"b{i}")
+    train.train_and_evaluate(config, workdir)
+    for g in (0, 1):
+      used = [(r["step"], r[f"teacher_step/group_{1 - g}"])
+              for r in rows(workdir, g) if f"teacher_step/group_{1 - g}" in r]
+      assert used and all(p < s and p % 5 == 0 for s, p in used), used
+      # Run a's published steps are all still there.
+      assert committed(paths.published_dir(run_a, g)) == kept[g]
+    notes = [r.getMessage() for r in caplog.records
+             if "other runs" in r.getMessage()]
+    assert len(notes) == 1, notes
+    assert os.path.basename(run_a) in notes[0]
+    assert ("differs in seed" if i == 0 else "differs in model.hidden_sizes"
+            ) in notes[0]
+  assert len(os.listdir(paths.runs_dir(shared))) == 3
+
+
+def test_a_second_writer_of_a_workdir_is_refused_and_a_stale_lock_taken(
+    tmp_path):
+  workdir = str(tmp_path / "run")
+  flags = ["--config.total_steps=100000", "--config.log_every=5",
+           "--config.checkpoint_every=10", "--config.eval_every=100000"]
+  first = start_group(workdir, 0, 1, *flags, config="configs/flights.py:quick")
+  try:
+    wait_until(lambda: committed(ckpt_dir(workdir, 0)), 240, "a checkpoint")
+    second = subprocess.run(
+        [sys.executable, "-m", "codistill_jax.main",
+         "--config=configs/flights.py:quick", f"--workdir={workdir}",
+         "--groups=0", "--config.codistill.num_groups=1", *flags],
+        cwd=ROOT, env=child_env(), capture_output=True, text=True,
+        timeout=240)
+    assert second.returncode == 2, second.stderr[-2000:]
+    (line,) = error_lines(second.stderr)
+    assert (f"group 0 of --workdir={workdir} is being written by pid "
+            f"{first.pid} on ") in line, line
+    assert "Traceback" not in second.stderr
+    assert first.poll() is None  # The first run goes on, undisturbed.
+    n = last_step(workdir, 0)
+    wait_until(lambda: last_step(workdir, 0) > n, 60, "the first to go on")
+  finally:
+    os.killpg(first.pid, signal.SIGKILL)  # Leaves its lock behind.
+  finish(first)
+  assert os.path.exists(paths.lock_file(workdir, 0))
+  third = start_group(workdir, 0, 1, *flags, config="configs/flights.py:quick",
+                      log_name="third.log")
+  n = len(rows(workdir, 0))
+  wait_until(lambda: len(rows(workdir, 0)) > n, 240, "the third to train")
+  third.send_signal(signal.SIGTERM)
+  assert finish(third) == 0
+  log = open(os.path.join(workdir, "logs", "third.log")).read()
+  assert "took over the stale writer lock" in log
+  assert "resumed from its own checkpoint" in log
+  assert not os.path.exists(paths.lock_file(workdir, 0))  # Released.
+
+
+def _main_processes(workdir):
+  """pids of codistill_jax.main processes working on `workdir`."""
+  out = []
+  for pid in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmd = f.read().split(b"\0")
+    except OSError:
+      continue
+    if b"codistill_jax.main" in cmd and f"--workdir={workdir}".encode() in cmd:
+      out.append(int(pid))
+  return out
+
+
+def test_sigkill_of_the_launcher_leaves_no_group_running(tmp_path):
+  workdir = str(tmp_path / "run")
+  env = {k: v for k, v in child_env().items() if k != "XLA_FLAGS"}
+  launcher = subprocess.Popen(
+      [sys.executable, "experiments/launch_local.py",
+       "--config=configs/flights_codistill.py:quick", f"--workdir={workdir}",
+       "--config.total_steps=100000", "--config.log_every=10",
+       "--config.checkpoint_every=100000", "--config.eval_every=100000"],
+      cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+      stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    wait_until(lambda: all(rows(workdir, g) for g in (0, 1)), 240,
+               "both groups to train")
+    assert len(_main_processes(workdir)) == 2
+    launcher.kill()  # SIGKILL: no handler of the launcher runs.
+    launcher.wait(timeout=60)
+    wait_until(lambda: not _main_processes(workdir), 120,
+               "the groups to exit with their launcher")
+  finally:
+    for pid in _main_processes(workdir):
+      os.kill(pid, signal.SIGKILL)
+  # They took the SIGTERM path on the way out: each saved a checkpoint.
+  for g in (0, 1):
+    assert committed(ckpt_dir(workdir, g)), g
+
+
+def _array_files(step_dir):
+  return [f for f in glob.glob(os.path.join(step_dir, "default", "**"),
+                               recursive=True)
+          if os.path.isfile(f) and os.sep + "d" + os.sep in f]
+
+
+def flip_bit(step_dir):
+  """One bit of the biggest array file, in its middle (bit rot)."""
+  f = max(_array_files(step_dir), key=os.path.getsize)
+  with open(f, "r+b") as fh:
+    fh.seek(os.path.getsize(f) // 2)
+    byte = fh.read(1)
+    fh.seek(-1, os.SEEK_CUR)
+    fh.write(bytes([byte[0] ^ 0x10]))
+
+
+def truncate_arrays(step_dir):
+  for f in _array_files(step_dir):
+    with open(f, "r+b") as fh:
+      fh.truncate(os.path.getsize(f) // 3)
+
+
+@pytest.mark.parametrize("damage", [flip_bit, truncate_arrays])
+def test_a_corrupt_newest_own_checkpoint_is_skipped_on_resume(
+    tmp_path, caplog, damage):
+  from codistill_jax import train  # pylint: disable=g-import-not-at-top
+  caplog.set_level(logging.INFO)
+  config = load_config("flights")
+  config.total_steps, config.checkpoint_every = 30, 10
+  config.log_every, config.eval_every = 5, 30
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir)
+  straight = restore_params(workdir, 30)
+  damage(os.path.join(ckpt_dir(workdir, 0), "30"))
+  caplog.clear()
+  train.train_and_evaluate(config, workdir)  # The same command again.
+  text = "\n".join(r.getMessage() for r in caplog.records)
+  assert f"own checkpoint {ckpt_dir(workdir, 0)}/30 is corrupt" in text, text
+  assert "resumed from its own checkpoint at step 20" in text
+  # The corrupt step was moved aside, and 20 -> 30 retrained exactly.
+  assert glob.glob(os.path.join(ckpt_dir(workdir, 0), "30.corrupt-*"))
+  assert committed(ckpt_dir(workdir, 0))[-1] == 30
+  assert_trees_equal(restore_params(workdir, 30), straight)
+
+
+def test_when_every_own_checkpoint_is_corrupt_the_run_stops_in_one_line(
+    tmp_path):
+  workdir = str(tmp_path / "run")
+  flags = ["--config.total_steps=20", "--config.checkpoint_every=10"]
+  first = start_group(workdir, 0, 1, *flags, config="configs/flights.py:quick")
+  assert finish(first) == 0
+  for step in committed(ckpt_dir(workdir, 0)):
+    flip_bit(os.path.join(ckpt_dir(workdir, 0), str(step)))
+  result = subprocess.run(
+      [sys.executable, "-m", "codistill_jax.main",
+       "--config=configs/flights.py:quick", f"--workdir={workdir}",
+       "--groups=0", "--config.codistill.num_groups=1", *flags],
+      cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=240)
+  assert result.returncode == 2, result.stderr[-2000:]
+  (line,) = error_lines(result.stderr)
+  assert "every own checkpoint of group 0" in line and "corrupt" in line
+  assert "Traceback" not in result.stderr
+
+
+def test_ctrl_c_to_a_direct_run_saves_and_exits_0(tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = start_group(workdir, 0, 1, "--config.total_steps=100000",
+                     "--config.log_every=5", "--config.eval_every=100000",
+                     "--config.checkpoint_every=100000",
+                     config="configs/flights.py:quick")
+  wait_until(lambda: rows(workdir, 0), 240, "the run to train")
+  proc.send_signal(signal.SIGINT)
+  assert finish(proc) == 0
+  log = open(os.path.join(workdir, "logs", "group_0.log")).read()
+  assert "resume with the same command" in log
+  assert "KeyboardInterrupt" not in log and "Traceback" not in log
+  steps = committed(ckpt_dir(workdir, 0))
+  assert steps and steps[-1] < 100000
