@@ -28,11 +28,13 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # matplotlib: tests/test_repro.py renders the report's plots.
-        "test": ["pytest==9.0.3", "matplotlib==3.9.2"],
+        "test": ["pytest==9.0.3", "matplotlib==3.9.2", "sentencepiece==0.2.3"],
         # experiments/repro.py: sweeps, plots and experiments/REPORT.md.
         "repro": ["matplotlib==3.9.2"],
         # The teacher-inference service (codistill_jax/service/).
         "service": ["ray==2.60.0"],
+        # Subword tokenizer of the LM corpus (codistill_jax/data/spm.py).
+        "lm": ["sentencepiece==0.2.3"],
         # gs:// exchange dirs and checkpoints (etils' GCS filesystem).
         "gcs": ["gcsfs==2026.10.1"],
     },

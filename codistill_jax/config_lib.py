@@ -253,8 +253,8 @@ def check_ranges(node: Mapping[str, Any], ranges: Mapping[str, str],
   """
   for name, spec in ranges.items():
     value = get_field(node, name)
-    if value is _MISSING:
-      continue  # An optional field this config does not have.
+    if value is _MISSING or value is None:
+      continue  # Absent here, or None: the field's automatic default.
     values = value if isinstance(value, (tuple, list)) else (value,)
     for v in values:
       ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and
