@@ -37,5 +37,12 @@ setuptools.setup(
         "lm": ["sentencepiece==0.2.3"],
         # gs:// exchange dirs and checkpoints (etils' GCS filesystem).
         "gcs": ["gcsfs==2026.10.1"],
+        # `tensorboard --logdir=WORKDIR`, and its profile plugin for the
+        # traces --profile_steps writes (no TensorFlow needed).
+        "monitor": ["tensorboard==2.21.0",
+                    "tensorboard-plugin-profile==2.24.2"],
+        # Accelerators: the same jax with its CUDA 12 plugin, or libtpu.
+        "cuda": ["jax[cuda12]==0.10.2"],
+        "tpu": ["jax[tpu]==0.10.2"],
     },
 )

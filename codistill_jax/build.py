@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import distill as distill_lib
 from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
@@ -80,12 +81,23 @@ def teacher_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
   """(model name, kwargs) of the teacher: the one answer to "which model".
 
   Peers are copies of the student. A fixed teacher (checkpoint, service,
-  stored targets) is `codistill.teacher_model_name` / `teacher_model` when
-  named, else the student's architecture.
+  stored targets) is, in this order: `codistill.teacher_model_name` /
+  `teacher_model` when named (in a config file); the architecture in the
+  config.json of the run `codistill.teacher_checkpoint` belongs to (a
+  teacher run dir is enough); else the student's architecture.
   """
   cd = config.codistill
-  if cd.teacher_source != "peers" and cd.teacher_model_name:
-    return cd.teacher_model_name, cd.teacher_model.to_dict()
+  if cd.teacher_source != "peers":
+    if cd.teacher_model_name:
+      return cd.teacher_model_name, cd.teacher_model.to_dict()
+    run = (ckpt_lib.run_config_of(cd.teacher_checkpoint)
+           if cd.teacher_checkpoint and "://" not in cd.teacher_checkpoint
+           else None)
+    if run and run.get("model_name"):
+      # JSON has no tuples; the models' Sequence fields take tuples.
+      kwargs = {k: tuple(v) if isinstance(v, list) else v
+                for k, v in (run.get("model") or {}).items()}
+      return run["model_name"], kwargs
   return config.model_name, config.model.to_dict()
 
 

@@ -31,8 +31,8 @@ from codistill_jax.errors import StorageError
 
 # Fields that may change between a run and its resumption: they change how a
 # run is watched, not what it computes.
-RESUMABLE_FIELDS = ("log_every", "eval_every", "checkpoint_every",
-                    "keep_checkpoints")
+RESUMABLE_FIELDS = ("log_every", "eval_every", "eval_max_batches",
+                    "checkpoint_every", "keep_checkpoints")
 
 
 # How a filesystem refuses a write, as OSError or in tensorstore's messages
@@ -302,6 +302,26 @@ def find_step_dir(path: str, field: str = "config.init_checkpoint") -> str:
         return os.path.join(candidate, str(max(steps)))
   raise ConfigError(f"{field}={path!r}: no committed checkpoint found there; "
                     "point it at a run's workdir or a step dir")
+
+
+def run_config_of(path: str) -> dict | None:
+  """The config.json of the run a checkpoint path belongs to, or None.
+
+  `path` may be the run dir, a group's checkpoints dir or a step dir (as
+  `find_step_dir` takes them); a bare step dir copied elsewhere has none.
+  """
+  path = os.path.abspath(path)
+  for up in range(4):  # run / group_g/checkpoints / group_g/checkpoints/step
+    candidate = paths.config_file(path)
+    if os.path.isfile(candidate):
+      try:
+        with open(candidate) as f:
+          return json.load(f)
+      except (OSError, ValueError):
+        return None
+    if up < 3:
+      path = os.path.dirname(path)
+  return None
 
 
 def restore_params(path: str, abstract_params: Any,

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from codistill_jax import config_lib
@@ -170,11 +171,14 @@ def init_distributed(address: str | None, num_processes: int | None,
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops INFO chatter of Orbax internals; keeps warnings and ours."""
+  """Drops INFO chatter of Orbax internals; keeps warnings and ours.
+
+  `--verbosity=1` (absl's flag) keeps everything.
+  """
 
   def filter(self, record):
-    if "/orbax/" not in record.pathname:
-      return True
+    if "/orbax/" not in record.pathname or logging.get_verbosity() >= 1:
+      return True  # Ours, or --verbosity=1 asked for the libraries' too.
     # Orbax warns about a missing per-item metadata file that its own
     # CheckpointManager never writes; keep every other warning.
     return (record.levelno >= pylogging.WARNING and

@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 1000  # Updates per group.
   c.log_every = 50  # Train metrics to TensorBoard/JSONL and a progress line.
   c.eval_every = 500  # Validation eval; every eval split at the end.
+  # Evaluate at most this many batches per split (0: all): for quick looks
+  # at large splits; the log and the metrics say when an eval was capped.
+  c.eval_max_batches = 0
   c.checkpoint_every = 500  # Own checkpoint (also saved at the end/SIGTERM).
   c.keep_checkpoints = 3  # Orbax max_to_keep; >= 3 so readers never race.
   c.init_checkpoint = ""  # Run dir or checkpoint dir to start params from.
@@ -82,6 +85,13 @@ def base_config() -> ml_collections.ConfigDict:
   # True: wait until published and reloaded at each exchange (deterministic
   # staleness, reproducible single-process runs); False: in the background.
   c.codistill.exchange_blocking = False
+  # > 0: at an exchange, a group whose peer's newest published step is more
+  # than this many steps behind waits for it (free-running processes then
+  # distil from teachers of the intended age); 0: never wait.
+  c.codistill.max_staleness = 0
+  # A peer that publishes nothing newer for this long while a group waits
+  # for it is taken as dead: the group goes on without it (and says so).
+  c.codistill.peer_timeout_s = 300.0
   c.codistill.burn_in_steps = 0  # alpha = 0 before this step.
   c.codistill.alpha = 1.0  # Weight of the distillation term after burn-in.
   c.codistill.alpha_ramp_steps = 0  # Linear ramp of alpha after burn-in.
@@ -164,11 +174,14 @@ RANGES = {
     "total_steps": "> 0",
     "log_every": "> 0",
     "eval_every": "> 0",
+    "eval_max_batches": ">= 0",
     "checkpoint_every": "> 0",
     "keep_checkpoints": ">= 3",
     "sharding.fsdp_min_size": ">= 0",
     "codistill.num_groups": "> 0",
     "codistill.exchange_every": "> 0",
+    "codistill.max_staleness": ">= 0",
+    "codistill.peer_timeout_s": "> 0",
     "codistill.burn_in_steps": ">= 0",
     "codistill.alpha": ">= 0",
     "codistill.alpha_ramp_steps": ">= 0",

@@ -93,6 +93,30 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
   return float(u / (n_pos * n_neg))
 
 
+class Progress:
+  """One log line every `every_s` seconds of a long loop: done / total, ETA."""
+
+  def __init__(self, what: str, total: int | None, every_s: float = 10.0):
+    self.what, self.total, self.every_s = what, total, every_s
+    self.done, self._t0 = 0, time.time()
+    self._last = self._t0
+
+  def tick(self, n: int = 1) -> None:
+    self.done += n
+    now = time.time()
+    if now - self._last < self.every_s:
+      return
+    self._last = now
+    rate = self.done / max(now - self._t0, 1e-9)
+    if self.total:
+      eta = time.strftime("%H:%M:%S", time.gmtime(
+          (self.total - self.done) / max(rate, 1e-9)))
+      logging.info("%s: %d/%d batches (%.0f%%), ETA %s", self.what,
+                   self.done, self.total, 100 * self.done / self.total, eta)
+    else:
+      logging.info("%s: %d batches (%.1f/s)", self.what, self.done, rate)
+
+
 class MetricWriter:
   """TensorBoard events (tensorboardX) plus a JSONL file of every metric.
 

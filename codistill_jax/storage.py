@@ -379,6 +379,16 @@ class WriterLock:
 # ----------------------------------------------------------------------------
 # Stopping cleanly.
 # ----------------------------------------------------------------------------
+# Set by `Preemption`'s handler: what waits inside a step (a group waiting for
+# a slow peer) gives up waiting when a stop was asked for.
+_STOP = threading.Event()
+
+
+def stop_requested() -> bool:
+  """Whether SIGTERM or Ctrl-C arrived (single-process jobs)."""
+  return _STOP.is_set()
+
+
 class Preemption:
   """SIGTERM or Ctrl-C -> a flag the loop checks each step: save, then exit.
 
@@ -409,6 +419,7 @@ class Preemption:
     logging.warning("%s: saving a checkpoint and exiting.",
                     signal.Signals(signum).name)
     self.requested = True
+    _STOP.set()
 
   def should_stop(self, step: int) -> bool:
     if self._multi_process:
@@ -418,3 +429,4 @@ class Preemption:
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
+    _STOP.clear()

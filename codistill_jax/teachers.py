@@ -37,6 +37,7 @@ import os
 import time
 from typing import Any, Iterator
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
@@ -46,7 +47,9 @@ from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import config_lib
 from codistill_jax import exchange
 from codistill_jax import mesh as mesh_lib
+from codistill_jax import paths
 from codistill_jax import step as step_lib
+from codistill_jax import storage as storage_lib
 from codistill_jax.errors import ConfigError
 
 TEACHER_DTYPES = ("float32", "bfloat16")
@@ -108,7 +111,9 @@ class Peers(Source):
   (through the job's `storage.Storage`) and reloads its peers' newest
   committed ones (`exchange.PeerReader`, in the background unless
   `exchange_blocking`); halfway between exchanges it looks again for saves
-  that had not committed yet (bounds staleness at ~1.5 intervals).
+  that had not committed yet (bounds staleness at ~1.5 intervals). With
+  `max_staleness`, a group whose peer's newest published step is further
+  behind waits for it at the exchange, up to `peer_timeout_s`.
   """
 
   def __init__(self, config, *, group: int, setup: build.Setup, storage,
@@ -116,6 +121,10 @@ class Peers(Source):
     cd = config.codistill
     self.group, self.storage, self.total = group, storage, total_steps
     self.every, self.blocking = cd.exchange_every, cd.exchange_blocking
+    self.max_staleness, self.peer_timeout_s = (cd.max_staleness,
+                                               cd.peer_timeout_s)
+    self._dead: dict[int, int] = {}  # Peer -> its newest step when given up.
+    self.waited_s = 0.0  # Time spent waiting for peers (max_staleness).
     peers = [h for h in range(cd.num_groups) if h != group]
     self.reader = exchange.PeerReader(storage.run_dir, peers,
                                       setup.abstract.params, cd.teacher_dtype,
@@ -161,10 +170,51 @@ class Peers(Source):
 
   def refresh(self, step):
     if cadence.is_time(step, self.every):
-      self._timed(self.reader.refresh, block=self.blocking)
+      if self.max_staleness:
+        # The teachers of the next `every` updates must be new enough, and
+        # held before those updates start: wait for them, then restore.
+        self._timed(self._wait_for_peers, step)
+        self._timed(self.reader.refresh, block=True)
+      else:
+        self._timed(self.reader.refresh, block=self.blocking)
     elif (not self.blocking and self.every // 2 and
           cadence.is_time(step + self.every // 2, self.every)):
       self._timed(self.reader.start_refresh)
+
+  def _wait_for_peers(self, step: int) -> None:
+    """Waits until every live peer has published a step that keeps the
+    teachers of updates step .. step + every - 1 within max_staleness."""
+    t0, said = time.time(), False
+    while True:
+      newest = {h: (ckpt_lib.committed_steps(paths.published_dir(
+          self.storage.run_dir, h)) or [-1])[-1]
+                for h in self._window}
+      for h, s in list(self._dead.items()):
+        if newest[h] > s:  # It publishes again: wait for it again.
+          del self._dead[h]
+          logging.warning("group %d: peer %d is back (step %d)", self.group,
+                          h, newest[h])
+      behind = {h: s for h, s in newest.items() if h not in self._dead and
+                step + self.every - 1 - s > self.max_staleness}
+      if not behind:
+        break
+      if not said:
+        logging.info("group %d at step %d waits for peers %s (newest "
+                     "published steps %s; max_staleness %d)", self.group,
+                     step, sorted(behind), behind, self.max_staleness)
+        said = True
+      if storage_lib.stop_requested():
+        break  # The loop saves and stops after this step.
+      if time.time() - t0 > self.peer_timeout_s:
+        for h, s in behind.items():
+          self._dead[h] = s
+          logging.warning(
+              "group %d: peer %d has published nothing newer than step %d "
+              "for %.0f s (config.codistill.peer_timeout_s); going on "
+              "without waiting for it", self.group, h, s, self.peer_timeout_s)
+        break
+      time.sleep(0.1)
+    self.waited_s += time.time() - t0
 
   def metrics(self, step):
     """Per peer over the updates since the last log (absent until its params
@@ -178,7 +228,11 @@ class Peers(Source):
         out[f"staleness_max/group_{group}"] = worst
         out[f"teacher_step/group_{group}"] = newest
       self._window[group] = [0, 0, 0, None]
-    return {**out, **self.reader.failures(),
+    out.update(self.reader.failures())
+    if self.max_staleness:
+      out["peer_wait_s"] = self.waited_s
+      out["peers_given_up"] = len(self._dead)
+    return {**out,
             "exchange_blocked_share": self.blocked_s / max(
                 time.time() - (self._wall0 or time.time()), 1e-9),
             "publishes_skipped": self.storage.publishes_skipped(self.group)}
@@ -205,13 +259,20 @@ class FromCheckpoint(Source):
   """
 
   def __init__(self, config, *, setup: build.Setup):
+    cd = config.codistill
     teacher = build.teacher_model(config, setup.info)
     repl = mesh_lib.replicated(setup.mesh)
     params = ckpt_lib.restore_params(
-        config.codistill.teacher_checkpoint,
+        cd.teacher_checkpoint,
         build.abstract_params(teacher, setup.example, repl),
         field="config.codistill.teacher_checkpoint")
-    dtype = jnp.dtype(config.codistill.teacher_dtype)
+    name, kwargs = build.teacher_spec(config)
+    logging.info("teacher: %s, model %s %s, %d params, as %s",
+                 ckpt_lib.find_step_dir(cd.teacher_checkpoint,
+                                        "config.codistill.teacher_checkpoint"),
+                 name, kwargs, sum(x.size for x in jax.tree.leaves(params)),
+                 cd.teacher_dtype)
+    dtype = jnp.dtype(cd.teacher_dtype)
     self.teachers = jax.jit(
         lambda p: step_lib.Teachers(
             jax.tree.map(lambda x: x.astype(dtype)[None], p),
@@ -384,6 +445,12 @@ def check_config(config) -> None:
   cd = config.codistill
   config_lib.check_choice(config, "codistill.teacher_source", SOURCES)
   config_lib.check_choice(config, "codistill.teacher_dtype", TEACHER_DTYPES)
+  if cd.max_staleness and cd.max_staleness < cd.exchange_every:
+    raise ConfigError(f"config.codistill.max_staleness={cd.max_staleness} is "
+                      f"below config.codistill.exchange_every="
+                      f"{cd.exchange_every}: a teacher is that old just "
+                      "before each exchange anyway; use at least "
+                      f"{cd.exchange_every} (or 0 for no bound)")
   distils = source_class(config) is not NoTeachers and cd.alpha > 0
   if distils and cd.burn_in_steps >= config.total_steps:
     raise ConfigError(f"config.codistill.burn_in_steps={cd.burn_in_steps} is "

@@ -18,6 +18,7 @@ the storage owner's (`storage.py`).
 """
 
 import dataclasses
+import itertools
 import time
 from typing import Any, Callable, Iterator
 
@@ -205,20 +206,37 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of) -> dict:
   # and how much they disagree.
   # --------------------------------------------------------------------------
   def evaluate(split: str) -> dict[int | str, dict[str, float]]:
+    examples = run[0].datasets.info.get("num_examples", {}).get(split)
+    full = -(-examples // config.data.eval_batch_size) if examples else None
+    cap = config.eval_max_batches or None
+    n = min(full, cap) if full and cap else cap or full
+    passes = len(run) + (len(run) > 1)  # Each group, then the comparison.
+    progress = metrics_lib.Progress(f"eval {split}", n and n * passes)
+    capped = {f"{split}/batches": n} if cap and full and cap < full else {}
+    if capped:
+      logging.warning("eval %s: %d of its %d batches (config."
+                      "eval_max_batches)", split, n, full)
+
+    def batches(grp):
+      return itertools.islice(grp.datasets.evals[split](), n)
+
     out = {}
     for grp in run:
       acc = metrics_lib.EvalAccumulator(config.loss)
-      for batch in grp.datasets.evals[split]():
+      for batch in batches(grp):
         acc.add(grp.eval_step(grp.state.params,
                               mesh_lib.shard_batch(batch, grp.batch_sharding)))
-      out[grp.index] = {f"{split}/{k}": v for k, v in acc.summary().items()}
+        progress.tick()
+      out[grp.index] = {**{f"{split}/{k}": v for k, v in
+                           acc.summary().items()}, **capped}
     if len(run) > 1:
       acc = metrics_lib.ComparisonAccumulator(config.loss)
-      iters = [grp.datasets.evals[split]() for grp in run]
-      for batches in zip(*iters):  # Same split, same order in every group.
+      for same in zip(*map(batches, run)):  # Same split, same order.
         acc.add([grp.predict_step(grp.state.params, mesh_lib.shard_batch(
-            b, grp.batch_sharding)) for grp, b in zip(run, batches)])
-      out["groups"] = {f"{split}/{k}": v for k, v in acc.summary().items()}
+            b, grp.batch_sharding)) for grp, b in zip(run, same)])
+        progress.tick()
+      out["groups"] = {**{f"{split}/{k}": v for k, v in
+                          acc.summary().items()}, **capped}
     return out
 
   # --------------------------------------------------------------------------

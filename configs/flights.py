@@ -9,8 +9,10 @@ of the categorical columns and an MLP, trained with sigmoid cross-entropy.
 Args (after ':', comma-separated): `quick` (a few steps, seconds on CPU);
 `groups=G` (codistillation with G groups; needs G devices or processes, see
 configs/flights_codistill.py).
-Expected (default, 1 CPU device): test AUC and log-loss as recorded in
-experiments/REPORT.md by experiments/bench_quality.py.
+Expected (default): validation log-loss ~0.49 and AUC ~0.72 after the 1000
+steps, near the validation optimum (the embeddings of ~4k tail numbers and
+~4k flight numbers memorise after that; at 3000 steps validation log-loss
+rises to ~0.51); the reproduction studies are in experiments/REPORT.md.
 """
 
 from codistill_jax import config_lib
@@ -37,7 +39,7 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 100
   c.optimizer.weight_decay = 1e-4
 
-  c.total_steps = 3000  # ~6 epochs of the ~262k training rows.
+  c.total_steps = 1000  # ~2 epochs of the ~262k training rows (see above).
 
   c.codistill.num_groups = arg.groups
   c.codistill.exchange_every = 50  # Anil et al.: every 50 steps did not hurt.
@@ -45,8 +47,8 @@ def get_config(arg=None):
   c.codistill.alpha = 1.0
   c.codistill.divergence = "kl"  # Binary KL on the peers' mean probability.
   c.log_every = 100
-  c.eval_every = 1000
-  c.checkpoint_every = 1000
+  c.eval_every = 250
+  c.checkpoint_every = 500
 
   if arg.quick:
     c.model.hidden_sizes = (32,)
@@ -93,8 +95,11 @@ def sweep(name=None, quick=False):
     # 3000 steps (this config) is past the validation optimum (~1000 steps:
     # the embeddings of ~4k tail numbers and ~4k flight numbers memorise);
     # the churn study also runs at 1000 steps to see how much that matters.
-    regimes = [{}] if quick else [{}, {"total_steps": 1000, "eval_every": 500,
-                                       "checkpoint_every": 500}]
+    # The studies ran at 3000 steps (past the validation optimum) and at
+    # 1000 (near it, now the default); both regimes stay named explicitly.
+    regimes = [{}] if quick else [
+        {"total_steps": 3000, "eval_every": 1000, "checkpoint_every": 1000},
+        {"total_steps": 1000, "eval_every": 500, "checkpoint_every": 500}]
     points = [{**regime, **method, "seed": s} for regime in regimes
               for s in seeds for method in ({}, _ENSEMBLE, _CODISTILL)]
     if not quick:  # Codistilled groups on all rows: is half the data to blame?

@@ -38,11 +38,16 @@ import time
 
 from absl import flags
 
+# The checkout this script is in, before any installed copy of the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import cli
 from codistill_jax import config_lib
 from codistill_jax import metrics as metrics_lib
 from codistill_jax import paths
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Shared workdir.")

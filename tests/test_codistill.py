@@ -1,10 +1,13 @@
 """Codistillation end to end: groups on sub-meshes, processes, two-phase."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -144,10 +147,19 @@ def test_two_phase_distillation_from_a_checkpoint_of_another_architecture(
       str(tmp_path / "student" / "group_0" / "metrics.jsonl")) if "loss" in r]
   assert all(r["alpha"] == 1.0 and r["distill_loss"] > 0 for r in rows)
 
-  # The same teacher under the student's (different) architecture: refused.
+  # With no model named, the teacher run's own config.json says which
+  # architecture it is: the run directory is enough.
   cd.teacher_model_name = ""
-  with pytest.raises(ConfigError, match="init_checkpoint|architecture"):
-    train.train_and_evaluate(student, str(tmp_path / "student2"))
+  cd.teacher_model = ml_collections.ConfigDict()
+  train.train_and_evaluate(student, str(tmp_path / "student2"))
+  # A bare step dir (no run around it) falls back to the student's
+  # architecture, which is not the teacher's: refused.
+  bare = str(tmp_path / "bare_step")
+  shutil.copytree(str(tmp_path / "teacher" / "group_0" / "checkpoints" / "10"),
+                  bare)
+  cd.teacher_checkpoint = bare
+  with pytest.raises(ConfigError, match="teacher_checkpoint.*architecture"):
+    train.train_and_evaluate(student, str(tmp_path / "student3"))
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -204,6 +216,7 @@ def test_three_groups_as_three_processes(tmp_path):
   # Enough steps that the three runs overlap although they start seconds
   # apart (each quick step takes milliseconds).
   result = launch(str(tmp_path), "--config.codistill.num_groups=3",
+                  "--progress_every=1",
                   "--config.total_steps=3000", "--config.log_every=50",
                   "--config.codistill.exchange_every=20",
                   "--config.eval_every=3000", "--config.checkpoint_every=3000")
@@ -211,6 +224,28 @@ def test_three_groups_as_three_processes(tmp_path):
   for g in range(3):
     for peer in set(range(3)) - {g}:
       assert _peer_steps_seen(str(tmp_path), g, peer), (g, peer)
+  # The launcher's report: progress lines, a table of each group's final
+  # metrics, where things are, and that it finished.
+  out = result.stdout
+  assert re.search(r"group 1: step \d+/3000  loss \d", out), out
+  table = out[out.index("final metrics"):]
+  for g in range(3):
+    assert re.search(rf"group {g} +\d\.\d{{4}}", table), table
+  assert "test/auc" in table and "validation/log_loss" in table
+  assert f"tensorboard --logdir={tmp_path}" in out
+  assert out.strip().endswith("finished: 3000 steps in every group")
+
+
+@pytest.mark.slow
+def test_a_failing_group_is_reported_with_its_error_and_exit_code(tmp_path):
+  # Passes the launcher's own checks (one device), fails in the children:
+  # their 3 devices do not divide the batch of 64.
+  result = launch(str(tmp_path), "--devices_per_process=3")
+  assert result.returncode == 2, result.stdout + result.stderr
+  assert re.search(r"group_0.proc_0.log failed \(exit 2\): error: config"
+                   r"\.data\.batch_size=64 is not divisible by the 3 devices",
+                   result.stdout), result.stdout
+  assert "failed: see " in result.stdout
 
 
 @pytest.mark.slow

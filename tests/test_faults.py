@@ -53,7 +53,10 @@ JOB_FLAGS = [f"--config.total_steps={TOTAL}", "--config.log_every=5",
              f"--config.checkpoint_every={CHECKPOINT}",
              f"--config.eval_every={TOTAL}",
              f"--config.codistill.exchange_every={EXCHANGE}",
-             "--config.codistill.burn_in_steps=20"]
+             "--config.codistill.burn_in_steps=20",
+             # Free-running groups: the trials kill one and the others go
+             # on at once (a staleness bound would hold them back).
+             "--config.codistill.max_staleness=0"]
 # Final test metrics of a faulted job must lie in the range of the groups of
 # an uninterrupted job, widened on each side by the range itself or by this
 # floor, whichever is larger. The background exchange makes every run
@@ -400,6 +403,7 @@ def test_damaged_peer_checkpoints_are_skipped_by_a_reader_process(tmp_path):
   reader_config.total_steps = 100000
   reader_config.codistill.exchange_every = 10
   reader_config.codistill.burn_in_steps = 0
+  reader_config.codistill.max_staleness = 0  # Its peer never trains.
   run = checkpoint.run_identity(reader_config)
   scratch = paths.run_dir(str(tmp_path / "scratch"), run)
   publisher = exchange.Publisher(scratch, 1, run, max_to_keep=10)
@@ -428,6 +432,7 @@ def test_damaged_peer_checkpoints_are_skipped_by_a_reader_process(tmp_path):
                      "--config.checkpoint_every=100000",
                      "--config.codistill.exchange_every=10",
                      "--config.codistill.burn_in_steps=0",
+                     "--config.codistill.max_staleness=0",
                      f"--config.codistill.exchange_dir={shared}")
   log_path = os.path.join(workdir, "logs", "group_0.log")
   try:
@@ -767,3 +772,55 @@ def test_ctrl_c_to_a_direct_run_saves_and_exits_0(tmp_path):
   assert "KeyboardInterrupt" not in log and "Traceback" not in log
   steps = committed(ckpt_dir(workdir, 0))
   assert steps and steps[-1] < 100000
+
+
+def test_max_staleness_holds_a_group_back_until_the_peer_timeout(tmp_path):
+  workdir = str(tmp_path / "run")
+  flags = ["--config.total_steps=100000", "--config.log_every=5",
+           "--config.eval_every=100000", "--config.checkpoint_every=100000",
+           "--config.codistill.exchange_every=10",
+           "--config.codistill.burn_in_steps=0",
+           "--config.codistill.max_staleness=20",
+           "--config.codistill.peer_timeout_s=20"]
+  procs = [start_group(workdir, g, 2, *flags) for g in (0, 1)]
+  try:
+    wait_until(lambda: all(held_steps(workdir, g, 1 - g) for g in (0, 1)),
+               240, "both groups to hold a teacher")
+    n = last_step(workdir, 0)
+    wait_until(lambda: last_step(workdir, 0) > n + 100, 120, "more steps")
+    # While both run, no update distils from a teacher more than 20 steps
+    # older than the student.
+    bounded = [r["staleness_max/group_1"] for r in rows(workdir, 0)
+               if "staleness_max/group_1" in r]
+    assert bounded and max(bounded) <= 20, bounded
+    os.kill(procs[1].pid, signal.SIGSTOP)  # Group 1 hangs (not dead).
+    time.sleep(1.0)  # Its background save, if any, was frozen too.
+    stopped_at = max(committed(published(workdir, 1)))
+    # Group 0 trains on to the bound, then waits at the next exchange:
+    # from step s it continues only while s - 20 <= group 1's newest step.
+    time.sleep(6)
+    bound = stopped_at + 20 + 10
+    held_back = last_step(workdir, 0)
+    assert held_back <= bound, (held_back, stopped_at)
+    time.sleep(4)
+    assert last_step(workdir, 0) == held_back  # Still waiting.
+    # After peer_timeout_s it gives up on the hung peer, says so, goes on.
+    wait_until(lambda: last_step(workdir, 0) > bound + 50, 90,
+               "group 0 to go on without its peer")
+    log0 = open(os.path.join(workdir, "logs", "group_0.log")).read()
+    assert "peer 1 has published nothing newer than step" in log0
+    assert "going on without waiting for it" in log0
+    waited = [r["peer_wait_s"] for r in rows(workdir, 0) if "peer_wait_s" in r]
+    assert waited[-1] >= 15, waited[-1]
+    # The peer wakes and publishes again: it is waited for again.
+    os.kill(procs[1].pid, signal.SIGCONT)
+    wait_until(lambda: "peer 1 is back" in open(os.path.join(
+        workdir, "logs", "group_0.log")).read(), 120, "the peer to be back")
+    for p in procs:
+      p.send_signal(signal.SIGTERM)
+    assert [finish(p) for p in procs] == [0, 0]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        os.kill(p.pid, signal.SIGCONT)
+        os.killpg(p.pid, signal.SIGKILL)

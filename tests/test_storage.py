@@ -151,3 +151,13 @@ def test_window_means_leave_out_teacher_metrics_until_a_teacher_is_held():
                  "distill_loss": pytest.approx(0.3)}
   none = metrics.window_means({**stacked, "teacher_held": np.zeros(3)})
   assert set(none) == {"loss"}
+
+
+def test_progress_lines_say_done_total_and_eta(caplog):
+  caplog.set_level("INFO")
+  progress = metrics.Progress("eval validation", 40, every_s=0.0)
+  for _ in range(10):
+    progress.tick()
+  lines = [r.getMessage() for r in caplog.records if "eval validation" in
+           r.getMessage()]
+  assert lines[-1].startswith("eval validation: 10/40 batches (25%), ETA ")

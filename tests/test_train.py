@@ -147,6 +147,21 @@ def test_init_checkpoint_of_another_architecture_is_a_config_error(tmp_path):
     train.train_and_evaluate(config, str(tmp_path / "b"))
 
 
+def test_eval_max_batches_caps_an_evaluation_and_says_so(tmp_path, caplog):
+  caplog.set_level("INFO")
+  config = load_config("flights")
+  config.total_steps, config.eval_every, config.eval_max_batches = 4, 2, 1
+  config.data.eval_batch_size = 256  # The validation split is ~130 batches.
+  train.train_and_evaluate(config, str(tmp_path))
+  rows = [r for r in metrics.read_jsonl(str(tmp_path / "group_0" /
+                                            "metrics.jsonl"))
+          if "validation/log_loss" in r]
+  assert [r["validation/batches"] for r in rows] == [1, 1]
+  assert rows[-1]["test/batches"] == 1
+  assert any("of its" in r.getMessage() and "eval_max_batches" in
+             r.getMessage() for r in caplog.records)
+
+
 def test_state_and_batch_are_laid_out_as_the_rules_say():
   config = load_config("flights")
   config.sharding.rules = ((".*kernel", "fsdp"),)

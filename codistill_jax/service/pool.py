@@ -15,9 +15,11 @@ project from its own installation; requests carry numpy arrays only.
 """
 
 import dataclasses
+import logging as pylogging
 import os
 import time
 import uuid
+import warnings
 
 from absl import logging
 import ray
@@ -42,14 +44,24 @@ def connect(address: str, num_cpus: float | None = None) -> bool:
   """
   if ray.is_initialized():
     return False
-  if address:
-    if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
-      _loopback_mode()  # This driver's own servers on loopback too.
-    ray.init(address=address, include_dashboard=False, log_to_driver=True)
-    return True
-  _loopback_mode()
-  ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
-           _node_ip_address="127.0.0.1", log_to_driver=True)
+  # Quiet by default (--verbosity=1 brings Ray's INFO and notices back):
+  # workers' lines reach our log as plain text, without colour codes.
+  verbose = logging.get_verbosity() >= 1
+  os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+  kwargs = dict(include_dashboard=False, log_to_driver=True,
+                logging_level=pylogging.INFO if verbose else pylogging.ERROR)
+  with warnings.catch_warnings():
+    if not verbose:  # Ray starts its servers with fork; they run no JAX.
+      warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called",
+                              category=RuntimeWarning)
+    if address:
+      if address.rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+        _loopback_mode()  # This driver's own servers on loopback too.
+      ray.init(address=address, **kwargs)
+      return True
+    _loopback_mode()
+    ray.init(num_cpus=num_cpus or os.cpu_count(),
+             _node_ip_address="127.0.0.1", **kwargs)
   return True
 
 

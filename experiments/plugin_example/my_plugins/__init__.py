@@ -1,0 +1,1 @@
+"""A model and a dataset that live outside codistill_jax (README example)."""
