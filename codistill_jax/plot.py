@@ -30,11 +30,6 @@ from codistill_jax import metrics as metrics_lib
 from codistill_jax import paths
 from codistill_jax.errors import ConfigError
 
-_OUT = flags.DEFINE_string("out", None, "Directory for the PNGs (default: "
-                           "the first run's plots/).")
-_SMOOTH = flags.DEFINE_integer("smooth", 1, "Moving average over this many "
-                               "log rows (1: none).")
-
 def load_run(workdir: str) -> dict[str, list[dict]]:
   """{'group 0': rows, ..., 'ensemble': rows} of a run directory."""
   if not os.path.isdir(workdir):
@@ -140,10 +135,16 @@ def main(argv):
                       "codistill_jax.plot WORKDIR [WORKDIR ...]")
   runs = {os.path.basename(os.path.normpath(w)) or w: load_run(w)
           for w in workdirs}
-  out = _OUT.value or os.path.join(workdirs[0], "plots")
-  for path in draw(runs, out, _SMOOTH.value):
+  out = flags.FLAGS.out or os.path.join(workdirs[0], "plots")
+  for path in draw(runs, out, flags.FLAGS.smooth):
     print(path)
 
 
 if __name__ == "__main__":
+  # Flags only when run as a command: importing this module (tests, other
+  # commands) defines none.
+  flags.DEFINE_string("out", None, "Directory for the PNGs (default: the "
+                      "first run's plots/).")
+  flags.DEFINE_integer("smooth", 1, "Moving average over this many log rows "
+                       "(1: none).")
   cli.run(main, positional=True)
