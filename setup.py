@@ -44,5 +44,9 @@ setuptools.setup(
         # Accelerators: the same jax with its CUDA 12 plugin, or libtpu.
         "cuda": ["jax[cuda12]==0.10.2"],
         "tpu": ["jax[tpu]==0.10.2"],
+        # experiments/torch_peer_loop.py, the PyTorch baseline of
+        # bench_exchange.py (never imported by the package). The CPU wheel:
+        # pip install -e .[torch] --extra-index-url https://download.pytorch.org/whl/cpu
+        "torch": ["torch==2.13.0"],
     },
 )

@@ -213,7 +213,8 @@ def jit_train_step(config, setup: Setup, term=None,
   mesh = setup.mesh
   return jax.jit(
       step_lib.make_train_step(setup.model.apply, loss_fn, setup.tx,
-                               setup.lr_fn, term),
+                               setup.lr_fn, term,
+                               microbatches=config.microbatches),
       in_shardings=(setup.state_sharding, mesh_lib.batch_sharding(mesh),
                     *arg_shardings),
       out_shardings=(setup.state_sharding, mesh_lib.replicated(mesh)),

@@ -134,6 +134,36 @@ def parse_groups(values: Sequence[str] | None) -> list[int] | None:
   return [int(v) for v in values]
 
 
+# JAX's own variable wins, so that one cache serves JAX and this project.
+DEFAULT_COMPILATION_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or (
+    os.path.join("~", ".cache", "codistill_jax", "jax"))
+
+
+def enable_compilation_cache(path: str) -> None:
+  """JAX's persistent compilation cache at `path` ('' leaves it off).
+
+  Every compiled program is kept (no minimum compile time or size), so a
+  rerun of a config skips XLA's compilation: the steps, evals, restores.
+  """
+  if not path:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def parse_steps(text: str | None, flag: str) -> tuple[int, int] | None:
+  """'a:b' -> (a, b) with 0 <= a < b; None for None or ''."""
+  if not text:
+    return None
+  m = re.fullmatch(r"(\d+):(\d+)", text.strip())
+  if not m or int(m.group(1)) >= int(m.group(2)):
+    raise ConfigError(f"{flag}={text} must be 'a:b' with a < b, e.g. "
+                      f"{flag}=10:20")
+  return int(m.group(1)), int(m.group(2))
+
+
 def init_distributed(address: str | None, num_processes: int | None,
                      process_id: int | None) -> None:
   """Joins a multi-process JAX job (`jax.distributed`), or does nothing.

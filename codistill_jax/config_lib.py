@@ -57,6 +57,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optimizer.decay_factor = 0.1  # 'step': lr multiplier at each milestone.
 
   c.total_steps = 1000  # Updates per group.
+  # Gradient accumulation: each group's batch runs as this many pieces one
+  # after another (activation memory of one piece; the same update).
+  c.microbatches = 1
   c.log_every = 50  # Train metrics to TensorBoard/JSONL and a progress line.
   c.eval_every = 500  # Validation eval; every eval split at the end.
   # Evaluate at most this many batches per split (0: all): for quick looks
@@ -82,6 +85,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.codistill.teacher_source = "peers"
   c.codistill.exchange_every = 50  # Steps between publish + reload of peers.
   c.codistill.exchange_dir = ""  # '' = the workdir; NFS or gs:// paths work.
+  # How a published step is stored (exchange.FORMATS): 'blob', one object of
+  # raw little-endian arrays with a header and checksums (the cheapest to
+  # write and read); 'orbax', an Orbax checkpoint (what a group that spans
+  # several processes needs); 'auto': blob unless the job has several
+  # processes.
+  c.codistill.exchange_format = "auto"
   # True: wait until published and reloaded at each exchange (deterministic
   # staleness, reproducible single-process runs); False: in the background.
   c.codistill.exchange_blocking = False
@@ -172,6 +181,7 @@ RANGES = {
     "optimizer.milestones": "(0, 1)",
     "optimizer.decay_factor": "(0, 1]",
     "total_steps": "> 0",
+    "microbatches": "> 0",
     "log_every": "> 0",
     "eval_every": "> 0",
     "eval_max_batches": ">= 0",

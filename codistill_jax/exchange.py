@@ -1,28 +1,41 @@
-"""Parameter exchange between groups through checkpoints on shared storage.
+"""Parameter exchange between groups through files on shared storage.
 
-Each group publishes its params every `exchange_every` steps as an Orbax
-checkpoint under `<exchange_dir>/runs/<run>/group_<g>/published/<step>`
-(`paths.py`), with the run's identity committed in the step's metadata and an
-exact checksum of the params beside them. Orbax writes a step into a
-temporary directory and renames it when committed, and
-`ocp.step.checkpoint_steps` lists committed steps only, so a reader never sees
-a partial save; it accepts only steps of its own run, and a publisher's
-`max_to_keep` deletes only in its own run's folder, so many runs can share one
-exchange root. Any path tensorstore understands works: local disk, NFS,
-`gs://`.
+Every `exchange_every` steps a group publishes its params under
+`<exchange_dir>/runs/<run>/group_<g>/published/` (`paths.py`) and its peers
+reload the newest committed step. Any path tensorstore understands works:
+local disk, NFS, `gs://`. Two formats, read alike:
 
+  `<step>.params`  one object per step: a header (run identity, the leaves'
+      paths, dtypes and shapes, a crc32 of the payload) and the raw bytes of
+      every leaf. Written by groups whose process holds every param (single
+      process jobs) with one tensorstore key write, which commits atomically
+      (a temporary key renamed into place on a filesystem; an object put on
+      GCS), so "committed" is "the key is listed". About what moving the
+      bytes costs: no per-leaf metadata, no thread or event loop per call.
+  `<step>/`        an Orbax checkpoint of {'params', 'checksum'}, with the run
+      identity in its committed metadata. Written by groups that span
+      processes (Orbax synchronises their writes); committed when Orbax's
+      rename (or, on GCS, commit marker) is there.
+
+A reader accepts only steps of its own run; a publisher's `max_to_keep`
+deletes only in its own run's folder, so many runs can share one root.
 `PeerReader` keeps, for each peer, the params of its newest committed step,
-restored straight onto the reading group's own sub-mesh. Restores run on a
-background thread so the training loop only blocks to stack finished ones.
-A peer whose newest step vanishes (deleted by `max_to_keep`) is retried; one
-that is partial, corrupt or of another architecture keeps its previous params,
-and the reason is logged and counted.
+restored straight onto the reading group's own sub-mesh, on a background
+thread so the loop only blocks to stack finished ones. A peer whose newest
+step vanishes (deleted by `max_to_keep`) is retried; one that is partial,
+corrupt or of another architecture keeps its previous params, and the reason
+is logged and counted. Both sides count the CPU time of their own threads
+and the bytes they move (`cost()`), which the trainer logs.
 """
 
 import concurrent.futures
 import dataclasses
+import json
 import os
+import re
 import threading
+import time
+import zlib
 from typing import Any, Callable
 
 from absl import logging
@@ -30,53 +43,183 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import paths
 from codistill_jax import step as step_lib
 
+MAGIC = b"CDXP0001"  # Format and version of a `<step>.params` object.
+_BLOB = re.compile(r"^(\d+)\.params$")
+_ORBAX_LOCAL = re.compile(r"^(\d+)/")  # A renamed (committed) step dir.
+_ORBAX_REMOTE = re.compile(r"^(\d+)/commit_success\.txt$")
+
+
+def kvstore(directory: str) -> ts.KvStore:
+  """A tensorstore key-value store rooted at `directory` (local or gs://)."""
+  url = (directory.rstrip("/") + "/" if "://" in directory else
+         "file://" + os.path.abspath(directory) + "/")
+  return ts.KvStore.open(url).result()
+
+
+def list_steps(kv: ts.KvStore, remote: bool) -> dict[int, str]:
+  """{committed step: 'blob' | 'orbax'} under a published dir (one listing)."""
+  out = {}
+  for key in kv.list().result():
+    key = key.decode()
+    m = _BLOB.match(key)
+    if m:
+      out[int(m.group(1))] = "blob"
+      continue
+    m = (_ORBAX_REMOTE if remote else _ORBAX_LOCAL).match(key)
+    if m:
+      out.setdefault(int(m.group(1)), "orbax")
+  return out
+
+
+def published_steps(directory: str) -> list[int]:
+  """Committed steps, of either format, in a published dir ([] if none)."""
+  remote = "://" in directory
+  if not remote and not os.path.isdir(directory):
+    return []
+  return sorted(list_steps(kvstore(directory), remote))
+
+
+def encode(params: Any, run: str) -> bytes:
+  """The `<step>.params` object of a tree of host arrays."""
+  entries, leaves, offset = [], [], 0
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    a = np.ascontiguousarray(x)
+    entries.append({"path": jax.tree_util.keystr(path), "dtype": a.dtype.str,
+                    "shape": list(a.shape), "offset": offset})
+    leaves.append(a)
+    offset += a.nbytes
+  payload = np.empty(offset, np.uint8)
+  for e, a in zip(entries, leaves):
+    payload[e["offset"]:e["offset"] + a.nbytes] = a.reshape(-1).view(np.uint8)
+  header = json.dumps({"run": run, "leaves": entries, "nbytes": offset,
+                       "crc32": zlib.crc32(payload)}).encode()
+  return b"".join([MAGIC, len(header).to_bytes(8, "little"), header,
+                   payload.data])
+
+
+def decode(value: bytes) -> tuple[dict, dict[str, np.ndarray]]:
+  """(header, {leaf path: array view}) of a `<step>.params` object.
+
+  Raises ValueError for anything but a whole, intact object.
+  """
+  if value[:8] != MAGIC:
+    raise ValueError("not a published params object (bad magic)")
+  n = int.from_bytes(value[8:16], "little")
+  header = json.loads(value[16:16 + n])
+  start = 16 + n
+  if len(value) - start != header["nbytes"]:
+    raise ValueError(f"partial: {len(value) - start} of {header['nbytes']} "
+                     "payload bytes")
+  if zlib.crc32(memoryview(value)[start:]) != header["crc32"]:
+    raise ValueError("corrupt: the payload does not match its crc32")
+  return header, {e["path"]: np.frombuffer(
+      value, np.dtype(e["dtype"]), int(np.prod(e["shape"], dtype=np.int64)),
+      start + e["offset"]).reshape(e["shape"]) for e in header["leaves"]}
+
+
+@dataclasses.dataclass
+class Cost:
+  """What an exchange side spent: CPU of its own threads, bytes, calls."""
+  cpu_s: float = 0.0
+  bytes: int = 0
+  calls: int = 0
+
+  def add(self, cpu_s: float, nbytes: int) -> None:
+    self.cpu_s, self.bytes, self.calls = (self.cpu_s + cpu_s,
+                                          self.bytes + nbytes, self.calls + 1)
+
+
+FORMATS = ("auto", "blob", "orbax")
+
 
 class Publisher:
-  """Publishes one group's params (Orbax, `max_to_keep` >= 3).
+  """Publishes one group's params (`max_to_keep` >= 3 steps kept).
 
   In a single-process job the save runs on a background thread, on a device
-  copy of the params (the live ones are donated to the next step), so the
-  training loop only pays for dispatching the copy. A multi-process group
-  saves from the main thread: Orbax synchronises the processes there.
+  copy of the params (the live ones are donated to the next step), as one
+  `<step>.params` object; the training loop only pays for dispatching the
+  copy. A multi-process group saves an Orbax checkpoint from the main thread:
+  Orbax synchronises the processes there.
   """
 
   def __init__(self, run_dir: str, group: int, run: str = "",
-               max_to_keep: int = 3):
+               max_to_keep: int = 3, fmt: str | None = None):
     """Args:
 
       run_dir: the run's folder under the exchange root (`paths.run_dir`).
       group: the publishing group.
       run: the run's identity, committed with every step.
       max_to_keep: committed steps kept (>= 3: readers never race).
+      fmt: 'blob', 'orbax' or 'auto'/None (blob in a single-process job).
     """
+    if fmt in (None, "auto"):
+      fmt = "blob" if jax.process_count() == 1 else "orbax"
+    if fmt == "blob" and jax.process_count() > 1:
+      raise ValueError("fmt='blob' needs every param in this process; a "
+                       "multi-process group publishes with 'orbax'")
+    self.fmt = fmt
     self._background = jax.process_count() == 1
-    self._run = run
-    self._mgr = ckpt_lib.manager(
-        paths.published_dir(run_dir, group), f"publish_g{group}",
-        max_to_keep=max_to_keep,
-        # A killed predecessor's half-written saves go at restart.
-        cleanup_tmp_directories=True,
-        enable_async_checkpointing=not self._background)
+    self._run, self._keep = run, max_to_keep
+    self.directory = paths.published_dir(run_dir, group)
+    if self.fmt == "blob":
+      if "://" not in self.directory:
+        os.makedirs(self.directory, exist_ok=True)
+        # A killed predecessor's half-written object (never listed) goes.
+        for name in os.listdir(self.directory):
+          if name.endswith(".params.__lock"):
+            os.remove(os.path.join(self.directory, name))
+      self._kv = kvstore(self.directory)
+      listed = list_steps(self._kv, "://" in self.directory)
+    else:
+      self._mgr = ckpt_lib.manager(
+          self.directory, f"publish_g{group}", max_to_keep=max_to_keep,
+          # A killed predecessor's half-written saves go at restart.
+          cleanup_tmp_directories=True,
+          enable_async_checkpointing=not self._background)
+      listed = dict.fromkeys(self._mgr.all_steps(), "orbax")
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
     self._future = None
     self.skipped = 0  # Publishes skipped because a save was still running.
+    self.cost = Cost()
     # Steps committed before this process started. A group restarted from an
     # older checkpoint (after a crash) replays steps it had published: those
     # stay as committed (peers may hold them) and the replay's are not saved.
-    self._earlier = set(self._mgr.all_steps())
+    self._earlier = set(listed)
+    self._mine = sorted(listed)  # Kept steps, oldest first (max_to_keep).
 
-  def _save(self, step: int, item: Any) -> None:
+  def _save_blob(self, step: int, copy: Any) -> None:
+    t = time.thread_time()
+    data = encode(jax.device_get(copy), self._run)
+    self._kv.write(f"{step}.params", data).result()
+    self._mine.append(step)
+    while len(self._mine) > self._keep:  # Only ever this run's own steps.
+      old = self._mine.pop(0)
+      self._kv.delete_range(ts.KvStore.KeyRange(
+          inclusive_min=f"{old}.params", exclusive_max=f"{old}.params\x00")
+                           ).result()
+    self.cost.add(time.thread_time() - t, len(data))
+
+  def _save_orbax(self, step: int, copy: Any, sums: Any) -> None:
+    t = time.thread_time()
+    self._mgr.save(step, args=ocp.args.StandardSave(
+        {"params": copy, "checksum": sums}), force=True,
+                   custom_metadata={"run": self._run})
+    self.cost.add(time.thread_time() - t, sum(
+        x.size * x.dtype.itemsize for x in jax.tree.leaves(copy)))
+
+  def _save(self, step: int, *item) -> None:
     try:
-      self._mgr.save(step, args=ocp.args.StandardSave(item), force=True,
-                     custom_metadata={"run": self._run})
+      (self._save_blob if self.fmt == "blob" else self._save_orbax)(step,
+                                                                    *item)
     except (OSError, ValueError) as e:
       raise ckpt_lib.storage_error(f"published params of step {step}",
-                                   str(self._mgr.directory), e) or e
+                                   self.directory, e) or e
 
   def publish(self, step: int, params: Any, if_idle: bool = False) -> bool:
     """Publishes `params` as `step`; returns False if it skipped.
@@ -91,35 +234,41 @@ class Publisher:
     """
     if step in self._earlier:  # Replayed after a restart: already committed.
       return False
-    if not self._background:
-      copy, sums = _copy_with_checksum(params)
-      self._save(step, {"params": copy, "checksum": sums})
-      return True
     if self._future is not None:
       if if_idle and not self._future.done():
         self.skipped += 1
         return False
       self._future.result()  # Also re-raises an error of the previous save.
     # One dispatch: a device copy (the live params are donated to the next
-    # step) and its checksum; the save itself runs on the background thread.
-    copy, sums = _copy_with_checksum(params)
-    self._future = self._pool.submit(
-        self._save, step, {"params": copy, "checksum": sums})
+    # step), and for Orbax its checksum; the save runs in the background.
+    item = ((_copy(params),) if self.fmt == "blob" else
+            _copy_with_checksum(params))
+    if not self._background:
+      self._save(step, *item)
+    else:
+      self._future = self._pool.submit(self._save, step, *item)
     return True
 
   def wait(self) -> None:
     if self._future is not None:
       self._future.result()
-    try:
-      self._mgr.wait_until_finished()
-    except (OSError, ValueError) as e:
-      raise ckpt_lib.storage_error("published params",
-                                   str(self._mgr.directory), e) or e
+    if self.fmt == "orbax":
+      try:
+        self._mgr.wait_until_finished()
+      except (OSError, ValueError) as e:
+        raise ckpt_lib.storage_error("published params", self.directory,
+                                     e) or e
 
   def close(self) -> None:
     self.wait()
     self._pool.shutdown()
-    self._mgr.close()
+    if self.fmt == "orbax":
+      self._mgr.close()
+
+
+@jax.jit
+def _copy(params):
+  return jax.tree.map(jnp.copy, params)
 
 
 @jax.jit
@@ -128,9 +277,9 @@ def _copy_with_checksum(params):
 
 
 def warm_up(params: Any) -> None:
-  """Compiles a publish's copy and checksum before the loop (not on its
+  """Compiles a publish's copy (and checksum) before the loop (not on its
   clock); writes nothing."""
-  jax.block_until_ready(_copy_with_checksum(params))
+  jax.block_until_ready((_copy(params), _copy_with_checksum(params)))
 
 
 def teachers_sharding(param_shardings: Any) -> step_lib.Teachers:
@@ -177,6 +326,7 @@ class PeerSlot:
   params: Any = None
   failures: int = 0  # Restores that failed and kept the previous params.
   last_error: str = ""
+  kv: Any = None  # The peer's published dir as a key-value store.
 
 
 class PeerReader:
@@ -195,9 +345,13 @@ class PeerReader:
       run: the run's identity; a step committed by another run is refused.
     """
     self.run_dir, self.run = run_dir, run
+    self._remote = "://" in run_dir
     self.slots = [PeerSlot(g) for g in peers]
     self._abstract = abstract_params
-    n_leaves = len(jax.tree.leaves(abstract_params))
+    self._leaves = [(jax.tree_util.keystr(path), a) for path, a in
+                    jax.tree_util.tree_flatten_with_path(abstract_params)[0]]
+    self._treedef = jax.tree.structure(abstract_params)
+    n_leaves = len(self._leaves)
     mesh = jax.tree.leaves(abstract_params)[0].sharding.mesh
     self._abstract_item = {
         "params": abstract_params,
@@ -213,6 +367,7 @@ class PeerReader:
     self._lock = threading.Lock()
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
     self._future = None
+    self.cost = Cost()
     shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
     stacked_sharding = teachers_sharding(shardings)
     dtype = self._dtype
@@ -234,31 +389,78 @@ class PeerReader:
     jax.block_until_ready(self.teachers())  # Compile stacking up front.
 
   # -- Restoring (background thread). --------------------------------------
-  def _restore_one(self, slot: PeerSlot, only_step: int | None = None):
+  def _listing(self, slot: PeerSlot) -> dict[int, str]:
     directory = paths.published_dir(self.run_dir, slot.group)
+    if slot.kv is None:
+      if not self._remote and not os.path.isdir(directory):
+        return {}  # Nothing published yet (and nothing created here).
+      slot.kv = kvstore(directory)
+    try:
+      return list_steps(slot.kv, self._remote)
+    except ValueError:  # Not there (yet), or unreachable: nothing new.
+      return {}
+
+  def _read_blob(self, slot: PeerSlot, step: int) -> tuple[Any, int] | None:
+    """(params on our shardings, bytes), or None if the step vanished."""
+    result = slot.kv.read(f"{step}.params").result()
+    if result.state != "value":
+      return None
+    header, arrays = decode(result.value)
+    if self.run and header.get("run") != self.run:
+      raise ValueError(f"written by another run ({header.get('run')!r})")
+    extra = sorted(set(arrays) - {path for path, _ in self._leaves})
+    if extra:
+      raise ValueError(f"another architecture: it has {extra[0]}, which "
+                       "this model does not")
+    out = []
+    for path, a in self._leaves:
+      host = arrays.get(path)
+      if host is None or tuple(host.shape) != tuple(a.shape):
+        raise ValueError(f"another architecture: {path} is "
+                         f"{None if host is None else tuple(host.shape)} "
+                         f"there, {tuple(a.shape)} here")
+      host = host.astype(a.dtype, copy=False)
+      out.append(jax.make_array_from_callback(a.shape, a.sharding,
+                                              lambda idx, h=host: h[idx]))
+    return jax.tree.unflatten(self._treedef, out), len(result.value)
+
+  def _read_orbax(self, slot: PeerSlot, step: int) -> tuple[Any, int]:
+    directory = paths.published_dir(self.run_dir, slot.group)
+    writer = ckpt_lib.step_metadata(directory, step).get("run")
+    if self.run and writer != self.run:
+      raise ValueError(f"written by another run ({writer!r})")
+    item = os.path.join(directory, str(step), "default")
+    problem = (ckpt_lib.mismatch(item, self._abstract, prefix="params") or
+               ckpt_lib.mismatch(item, self._abstract_item))
+    if problem:
+      raise ValueError(f"another architecture: {problem}")
+    with ocp.StandardCheckpointer(
+        multiprocessing_options=self._restore_options) as ckptr:
+      restored = ckptr.restore(item, self._abstract_item)
+    params = restored["params"]
+    if not np.array_equal(np.asarray(restored["checksum"]),
+                          np.asarray(ckpt_lib.checksum(params))):
+      raise ValueError("corrupt: restored values do not match the checksum "
+                       "published with them")
+    return params, sum(x.size * x.dtype.itemsize
+                       for x in jax.tree.leaves(params))
+
+  def _restore_one(self, slot: PeerSlot, only_step: int | None = None):
     for attempt in range(self._retries):
-      steps = ([only_step] if only_step is not None else
-               ckpt_lib.committed_steps(directory))
+      listed = self._listing(slot)
+      steps = [only_step] if only_step is not None else sorted(listed)
       if not steps or (slot.step is not None and steps[-1] <= slot.step):
         return  # Nothing new.
       step = steps[-1]
-      item = os.path.join(directory, str(step), "default")
+      t = time.thread_time()
       try:
-        writer = ckpt_lib.step_metadata(directory, step).get("run")
-        if self.run and writer != self.run:
-          raise ValueError(f"written by another run ({writer!r})")
-        problem = (ckpt_lib.mismatch(item, self._abstract, prefix="params") or
-                   ckpt_lib.mismatch(item, self._abstract_item))
-        if problem:
-          raise ValueError(f"another architecture: {problem}")
-        with ocp.StandardCheckpointer(
-            multiprocessing_options=self._restore_options) as ckptr:
-          restored = ckptr.restore(item, self._abstract_item)
-        params = restored["params"]
-        if not np.array_equal(np.asarray(restored["checksum"]),
-                              np.asarray(ckpt_lib.checksum(params))):
-          raise ValueError("corrupt: restored values do not match the "
-                           "checksum published with them")
+        if listed.get(step, "blob") == "blob":
+          got = self._read_blob(slot, step)
+          if got is None:
+            raise FileNotFoundError(f"{step}.params")
+        else:
+          got = self._read_orbax(slot, step)
+        params, nbytes = got
       except FileNotFoundError as e:
         if only_step is not None:  # Agreed step gone: wait for the next one.
           return
@@ -274,6 +476,7 @@ class PeerReader:
         logging.warning("peer %d: keeping step %s, could not restore step %d:"
                         " %s", slot.group, slot.step, step, slot.last_error)
         return
+      self.cost.add(time.thread_time() - t, nbytes)
       with self._lock:
         slot.step, slot.params = step, params
       return
@@ -292,9 +495,8 @@ class PeerReader:
     first process's view of the newest committed steps is broadcast so that
     all agree.
     """
-    listed = [ckpt_lib.committed_steps(paths.published_dir(
-        self.run_dir, s.group)) or [-1] for s in self.slots]
-    newest = self._agree(np.array([steps[-1] for steps in listed], np.int32))
+    newest = self._agree(np.array(
+        [max(self._listing(s), default=-1) for s in self.slots], np.int32))
     for slot, step in zip(self.slots, newest.tolist()):
       if step >= 0 and (slot.step is None or step > slot.step):
         self._restore_one(slot, only_step=int(step))
@@ -330,6 +532,10 @@ class PeerReader:
     """{peer: the step of the params held (None: nothing yet)}."""
     with self._lock:
       return {s.group: s.step for s in self.slots}
+
+  def newest_published(self) -> dict[int, int]:
+    """{peer: its newest committed step (-1: none)} (one listing each)."""
+    return {s.group: max(self._listing(s), default=-1) for s in self.slots}
 
   def staleness(self, own_step: int) -> dict[str, float]:
     """Now: own_step minus each held peer step, and the failures."""

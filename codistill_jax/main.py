@@ -29,16 +29,25 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     "--coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer(
     "process_id", None, "This process's index in the JAX job.")
+_PROFILE = flags.DEFINE_string(
+    "profile_steps", None, "'a:b': a jax.profiler trace of steps a..b-1 into "
+    "WORKDIR/profile, for TensorBoard's profile plugin (the monitor extra).")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", cli.DEFAULT_COMPILATION_CACHE, "JAX's persistent "
+    "compilation cache: a rerun skips compiling ('' turns it off).")
 
 
 def main(argv):
   del argv
   groups = cli.parse_groups(_GROUPS.value)
+  profile = cli.parse_steps(_PROFILE.value, "--profile_steps")
   cli.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                        _PROCESS_ID.value)
+  cli.enable_compilation_cache(_CACHE.value)
   # Imported here so that `--help` and flag errors do not pay for jax.
   from codistill_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, groups=groups)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, groups=groups,
+                           profile_steps=profile)
 
 
 def run():

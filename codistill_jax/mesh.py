@@ -58,6 +58,70 @@ def group_devices(num_groups: int, devices: Sequence[Any] | None = None):
           for g in range(num_groups)]
 
 
+def slice_groups(num_groups: int, devices: Sequence[Any]) -> list[list[Any]]:
+  """Carves one TPU slice into `num_groups` equal sub-slices (any platform).
+
+  TPU devices are ordered as TPU numbers them (z, then y, then x, then core,
+  slowest first: the device-id order of v4, v5e, v5p and v6e) and cut into
+  contiguous runs, so the slowest physical axis is split first: a v5e 4x4
+  gives two 4x2 blocks (G = 2) or four 4x1 rows (G = 4), a v5p 4x4x8 two
+  4x4x4 halves. Each group must be a box of whole chips whose every side
+  divides, or is a multiple of, a host's side: what the TPU compiler accepts
+  (other sets fail to compile and some abort the process, so this is checked
+  before anything compiles). Other platforms: contiguous runs of the
+  id-ordered devices.
+
+  Raises ConfigError naming config.codistill.num_groups and the G that fit.
+  """
+  devices = list(devices)
+  n = len(devices)
+  if num_groups < 1 or n % num_groups:
+    raise ConfigError(
+        f"config.codistill.num_groups={num_groups} does not divide the {n} "
+        f"devices of the slice; use one of "
+        f"{[g for g in range(1, n + 1) if n % g == 0]}")
+  per = n // num_groups
+  if devices[0].platform != "tpu":
+    devices.sort(key=lambda d: d.id)
+    return [devices[g * per:(g + 1) * per] for g in range(num_groups)]
+  devices.sort(key=lambda d: (*reversed(tuple(d.coords)), d.core_on_chip))
+  if not _carves(devices, num_groups):
+    fits = [g for g in range(1, n + 1) if n % g == 0 and _carves(devices, g)]
+    host = _chip_box([d for d in devices
+                      if d.process_index == devices[0].process_index])
+    raise ConfigError(
+        f"config.codistill.num_groups={num_groups}: {per} devices per group "
+        f"are not a block of the {'x'.join(map(str, _chip_box(devices)))} "
+        f"slice whose sides tile a host's {'x'.join(map(str, host))} chips; "
+        f"use one of {fits}")
+  return [devices[g * per:(g + 1) * per] for g in range(num_groups)]
+
+
+def _chip_box(devices: Sequence[Any]) -> tuple[int, ...] | None:
+  """The (x, y, z) sides of the box the devices' chips fill, or None."""
+  chips = {tuple(d.coords) for d in devices}
+  lo = [min(c[i] for c in chips) for i in range(3)]
+  hi = [max(c[i] for c in chips) for i in range(3)]
+  sides = tuple(h - l + 1 for l, h in zip(lo, hi))
+  cores = {d.core_on_chip for d in devices}
+  if len(chips) != np.prod(sides) or len(devices) != len(chips) * len(cores):
+    return None
+  return sides
+
+
+def _carves(devices: Sequence[Any], num_groups: int) -> bool:
+  """Whether `slice_groups` accepts `num_groups` for the sorted devices."""
+  per = len(devices) // num_groups
+  host = _chip_box([d for d in devices
+                    if d.process_index == devices[0].process_index])
+  for g in range(num_groups):
+    box = _chip_box(devices[g * per:(g + 1) * per])
+    if box is None or (host and any(b % h and h % b
+                                    for b, h in zip(box, host))):
+      return False
+  return True
+
+
 def make_mesh(devices: Sequence[Any]) -> Mesh:
   """A 1-D mesh over `devices` with the 'data' axis (automatic sharding)."""
   return Mesh(np.asarray(devices), (DATA_AXIS,))
@@ -98,6 +162,13 @@ def check_config(config, num_devices: int | None = None,
       raise ConfigError(
           f"config.data.{name}={value} is not divisible by the {per_group} "
           f"devices of a group; use a multiple of {per_group}")
+  k = config.microbatches
+  if config.data.batch_size % (k * per_group):
+    raise ConfigError(
+        f"config.microbatches={k} pieces of config.data.batch_size="
+        f"{config.data.batch_size} do not split evenly over the {per_group} "
+        f"devices of a group; use a batch that is a multiple of "
+        f"{k * per_group}, or fewer microbatches")
 
 
 def check_rules(rules) -> None:

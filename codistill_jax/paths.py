@@ -7,6 +7,7 @@
                                            beside it
   WORKDIR/ensemble/                        ensemble and agreement metrics
   WORKDIR/logs/                            per-process logs of the launcher
+  WORKDIR/profile/                         jax.profiler traces (--profile_steps)
   EXCHANGE_DIR/runs/<run>/run.json         a run's config, for the humans and
                                            messages that meet it there
   EXCHANGE_DIR/runs/<run>/group_<g>/published/<step>/
@@ -45,6 +46,11 @@ def ensemble_dir(workdir: str) -> str:
 
 def logs_dir(workdir: str) -> str:
   return os.path.join(workdir, "logs")
+
+
+def profile_dir(workdir: str) -> str:
+  """jax.profiler traces (--profile_steps): TensorBoard's profile plugin."""
+  return os.path.join(workdir, "profile")
 
 
 def lock_file(workdir: str, group: int) -> str:

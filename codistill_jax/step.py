@@ -62,7 +62,7 @@ class Teachers:
 def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
                     tx: optax.GradientTransformation,
                     lr_fn: Callable[[jax.Array], jax.Array] | None = None,
-                    distill: Any = None):
+                    distill: Any = None, microbatches: int = 1):
   """Returns `train_step(state, batch, teachers=None) -> (state, metrics)`.
 
   Args:
@@ -77,15 +77,20 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
       step's third argument unless the targets arrive in the batch. The
       teachers run inside this one program, deterministically and with
       stopped gradients.
+    microbatches: gradient accumulation: the batch is cut into this many
+      pieces (example i of the batch in piece i mod k, so every device holds
+      rows of every piece) run one after another in a `lax.scan`, the
+      teachers' forward too; gradients, losses and metrics are combined
+      weighted by each piece's total `weights`, which equals the whole batch
+      at once (no dropout) up to float rounding.
   """
   student = distill_lib.Student(apply_fn, loss_fn)
 
-  def train_step(state: TrainState, batch: Batch,
-                 teachers: Teachers | None = None):
-    rng = jax.random.fold_in(state.rng, state.step)
+  def grads_of(params, batch, teachers, rng, step):
+    """(loss, metrics, grads) of one (micro)batch."""
     if distill is not None:
       target, has_teacher = distill.target(teachers, batch)
-      alpha = distill.alpha_fn(state.step) * has_teacher
+      alpha = distill.alpha_fn(step) * has_teacher
 
     def objective(params):
       if distill is None:
@@ -99,8 +104,36 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
                                 "teacher_held": has_teacher.astype(
                                     jnp.float32)}
 
-    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
-        state.params)
+    (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    return loss, aux, grads
+
+  def accumulated(params, batch, teachers, rng, step):
+    """grads_of over `microbatches` pieces, weighted by their weights."""
+    k = microbatches
+    pieces = jax.tree.map(lambda x: jnp.moveaxis(
+        x.reshape((x.shape[0] // k, k) + x.shape[1:]), 1, 0), batch)
+
+    def body(total, i_piece):
+      i, piece = i_piece
+      out = grads_of(params, piece, teachers, jax.random.fold_in(rng, i),
+                     step)
+      w = jnp.sum(piece["weights"])
+      return jax.tree.map(lambda t, x: t + w * x.astype(t.dtype), total,
+                          out), w
+
+    shapes = jax.eval_shape(grads_of, params, jax.tree.map(
+        lambda x: x[0], pieces), teachers, rng, step)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.promote_types(
+        s.dtype, jnp.float32)), shapes)
+    total, ws = jax.lax.scan(body, zeros, (jnp.arange(k), pieces))
+    norm = jnp.maximum(jnp.sum(ws), 1e-12)
+    return jax.tree.map(lambda t: t / norm, total)
+
+  def train_step(state: TrainState, batch: Batch,
+                 teachers: Teachers | None = None):
+    rng = jax.random.fold_in(state.rng, state.step)
+    compute = grads_of if microbatches == 1 else accumulated
+    loss, aux, grads = compute(state.params, batch, teachers, rng, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),

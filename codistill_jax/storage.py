@@ -136,7 +136,9 @@ class Storage:
           paths.checkpoints_dir(self.workdir, g), self.keep,
           name=f"state_g{g}")
     for g in publishing:
-      self._publishers[g] = exchange.Publisher(self.run_dir, g, self.run)
+      self._publishers[g] = exchange.Publisher(
+          self.run_dir, g, self.run,
+          fmt=config.codistill.exchange_format if config else None)
 
   def _move_corrupt_aside(self) -> None:
     for g, steps in self._corrupt.items():
@@ -217,6 +219,10 @@ class Storage:
   def publishes_skipped(self, group: int) -> int:
     """Publishes of `group` skipped because its previous save still ran."""
     return self._publishers[group].skipped
+
+  def publish_cost(self, group: int) -> exchange.Cost:
+    """CPU (of the publisher's own thread) and bytes of `group`'s publishes."""
+    return self._publishers[group].cost
 
   def save(self, step: int, states: dict[int, Any]) -> None:
     """Starts async saves of each group's own state at `step`.

@@ -47,7 +47,6 @@ from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import config_lib
 from codistill_jax import exchange
 from codistill_jax import mesh as mesh_lib
-from codistill_jax import paths
 from codistill_jax import step as step_lib
 from codistill_jax import storage as storage_lib
 from codistill_jax.errors import ConfigError
@@ -186,9 +185,7 @@ class Peers(Source):
     teachers of updates step .. step + every - 1 within max_staleness."""
     t0, said = time.time(), False
     while True:
-      newest = {h: (ckpt_lib.committed_steps(paths.published_dir(
-          self.storage.run_dir, h)) or [-1])[-1]
-                for h in self._window}
+      newest = self.reader.newest_published()
       for h, s in list(self._dead.items()):
         if newest[h] > s:  # It publishes again: wait for it again.
           del self._dead[h]
@@ -229,6 +226,14 @@ class Peers(Source):
         out[f"teacher_step/group_{group}"] = newest
       self._window[group] = [0, 0, 0, None]
     out.update(self.reader.failures())
+    # What the exchange cost this group so far, per call (CPU of the
+    # exchange's own threads, from thread_time; bytes moved).
+    for side, cost in (("publish", self.storage.publish_cost(self.group)),
+                       ("restore", self.reader.cost)):
+      if cost.calls:
+        out[f"exchange/{side}_cpu_ms"] = 1e3 * cost.cpu_s / cost.calls
+        out[f"exchange/{side}_mb"] = cost.bytes / cost.calls / 2**20
+        out[f"exchange/{side}s"] = cost.calls
     if self.max_staleness:
       out["peer_wait_s"] = self.waited_s
       out["peers_given_up"] = len(self._dead)
@@ -445,6 +450,12 @@ def check_config(config) -> None:
   cd = config.codistill
   config_lib.check_choice(config, "codistill.teacher_source", SOURCES)
   config_lib.check_choice(config, "codistill.teacher_dtype", TEACHER_DTYPES)
+  config_lib.check_choice(config, "codistill.exchange_format",
+                          exchange.FORMATS)
+  if cd.exchange_format == "blob" and jax.process_count() > 1:
+    raise ConfigError("config.codistill.exchange_format='blob' needs every "
+                      "param in one process; a job of several processes "
+                      "publishes with 'orbax' (or 'auto')")
   if cd.max_staleness and cd.max_staleness < cd.exchange_every:
     raise ConfigError(f"config.codistill.max_staleness={cd.max_staleness} is "
                       f"below config.codistill.exchange_every="

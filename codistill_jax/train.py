@@ -18,6 +18,7 @@ the storage owner's (`storage.py`).
 """
 
 import dataclasses
+import functools
 import itertools
 import time
 from typing import Any, Callable, Iterator
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import codistill_jax
 from codistill_jax import build
 from codistill_jax import cadence
 from codistill_jax import checkpoint as ckpt_lib
@@ -36,8 +38,10 @@ from codistill_jax import data as data_lib
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics as metrics_lib
 from codistill_jax import paths
+from codistill_jax import perf
 from codistill_jax import storage as storage_lib
 from codistill_jax import teachers as teachers_lib
+from codistill_jax.data import pipeline
 from codistill_jax.errors import ConfigError
 
 # How many steps the host may dispatch ahead of the devices.
@@ -57,6 +61,8 @@ class Group:
   batch_sharding: Any
   writer: metrics_lib.MetricWriter | None = None
   batches: Iterator | None = None
+  # (unit, per step, FLOPs per step, devices, peak FLOP/s per device).
+  speed: tuple = ("examples", 0, 0.0, 1, 0.0)
   pending: list = dataclasses.field(default_factory=list)  # Device metrics.
 
 
@@ -94,13 +100,22 @@ def _check_finite(config, step: int, stacked: dict, last_saved: int | None,
       "(config.init_checkpoint=<this workdir> starts from its params)")
 
 
+def _si(x: float) -> str:
+  """12345.6 -> '12.3k'."""
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(x) >= scale:
+      return f"{x / scale:.1f}{unit}"
+  return f"{x:.0f}"
+
+
 def _process_slot(procs: list[int]) -> tuple[int, int]:
   """(index, count) of this process among the processes of a group."""
   return procs.index(jax.process_index()), len(procs)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       groups: list[int] | None = None) -> dict:
+                       groups: list[int] | None = None,
+                       profile_steps: tuple[int, int] | None = None) -> dict:
   """Trains this job's groups (default: all G); returns final eval metrics.
 
   Args:
@@ -108,6 +123,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     workdir: checkpoints, logs and, by default, the exchange directory.
     groups: the groups this job runs; the others are peers met only through
       the exchange directory (separate processes or jobs).
+    profile_steps: (a, b): a `jax.profiler` trace of steps a..b-1 into
+      WORKDIR/profile (TensorBoard's profile plugin opens it).
   """
   # --------------------------------------------------------------------------
   # Validate everything before compiling or writing anything.
@@ -118,6 +135,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(f"--groups={groups} must name groups in "
                       f"0..{num_groups - 1} (config.codistill.num_groups)")
   config_lib.validate(config, num_groups_here=len(groups))
+  if profile_steps and profile_steps[1] > config.total_steps:
+    raise ConfigError(f"--profile_steps={profile_steps[0]}:{profile_steps[1]}"
+                      f" ends after config.total_steps={config.total_steps}:"
+                      " pick steps inside the run")
   ckpt_lib.check_workdir(workdir, config)
   data_module = data_lib.get_module(config.data.name)
   devices = dict(zip(groups, mesh_lib.group_devices(len(groups))))
@@ -160,16 +181,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             config.init_checkpoint, setup.abstract.params))
         logging.info("group %d: params from %s", g, config.init_checkpoint)
 
-    layout = sources.cls.layout(config, setup, next(iter(datasets.train(0))))
+    example = next(iter(datasets.train(0)))
+    layout = sources.cls.layout(config, setup, example)
     term = build.distill_term(config, setup, layout.teacher,
                               precomputed=layout.distills and
                               layout.teacher is None)
+    train_step = build.jit_train_step(config, setup, term,
+                                      layout.arg_shardings)
+    if not run:  # Every group's step has the same shapes: ask XLA once.
+      unit, per_step = perf.describe(example)
+      flops = perf.step_flops(train_step, setup.abstract, {
+          **build.with_shardings(example, mesh_lib.batch_sharding(mesh)),
+          **layout.batch}, *layout.args)
+      speed = (unit, per_step * nproc, flops, len(devices[g]),
+               perf.peak_flops(devices[g][0]))
     run.append(Group(
         g, datasets, state, sources.make(g, setup, datasets, state.params),
-        build.jit_train_step(config, setup, term, layout.arg_shardings),
-        build.jit_eval_step(config, setup),
+        train_step, build.jit_eval_step(config, setup),
         build.jit_eval_step(config, setup, predictions=True),
-        mesh_lib.batch_sharding(mesh)))
+        mesh_lib.batch_sharding(mesh), speed=speed))
     n_params = sum(x.size for x in jax.tree.leaves(setup.abstract.params))
     logging.info("group %d: %d devices, %d params, examples %s", g,
                  len(devices[g]), n_params,
@@ -180,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --------------------------------------------------------------------------
   storage.open(publishing=owned if sources.publishes else [], config=config)
   try:
-    final = _loop(config, workdir, run, storage, procs_of)
+    final = _loop(config, workdir, run, storage, procs_of, profile_steps)
   finally:
     storage.release()  # The locks go even when the loop fails.
   storage.close()
@@ -188,7 +218,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   return final
 
 
-def _loop(config, workdir: str, run: list[Group], storage, procs_of) -> dict:
+def _loop(config, workdir: str, run: list[Group], storage, procs_of,
+          profile_steps) -> dict:
   """Trains `run`'s groups to config.total_steps (or a stop); returns evals."""
   total = config.total_steps
   if jax.process_index() == 0:
@@ -244,19 +275,29 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of) -> dict:
   # --------------------------------------------------------------------------
   steps = {grp.index: int(grp.state.step) for grp in run}
   for grp in run:
-    grp.batches = grp.source.wrap(iter(grp.datasets.train(steps[grp.index])))
+    # The next batches are made and put on the group's devices on a thread
+    # while the current step runs.
+    grp.batches = pipeline.Prefetch(
+        grp.source.wrap(iter(grp.datasets.train(steps[grp.index]))),
+        functools.partial(mesh_lib.shard_batch, sharding=grp.batch_sharding))
   first = min(steps.values())
   t0, s0 = time.time(), first
   final: dict = {}
 
-  with storage_lib.Preemption() as preemption:
+  profile = perf.Trace(profile_steps, paths.profile_dir(workdir))
+  with storage_lib.Preemption() as preemption, profile:
     for step in range(first, total):
+      profile.at(step)
       for grp in run:
         if steps[grp.index] > step:
           continue  # This group resumed from a later checkpoint.
-        batch = mesh_lib.shard_batch(next(grp.batches), grp.batch_sharding)
+        batch = next(grp.batches)
         grp.state, m = grp.train_step(grp.state, batch,
                                       *grp.source.step_args(step))
+        if step == first and grp is run[0]:
+          jax.block_until_ready(m)
+          logging.info("first step done %.1f s after start-up began",
+                       time.time() - codistill_jax.START_TIME)
         grp.pending.append(m)
         if len(grp.pending) > MAX_STEPS_AHEAD:
           # Bound async dispatch: otherwise the host queues hundreds of steps
@@ -285,13 +326,21 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of) -> dict:
           _check_finite(config, done, stacked, storage.last_saved[grp.index],
                         grp.index)
           scalars = metrics_lib.window_means(stacked)
+          unit, per_step, flops, devices, peak = grp.speed
           scalars["steps_per_sec"] = rate
+          scalars[f"{unit}_per_sec"] = rate * per_step
+          if flops and peak:
+            scalars["mfu"] = perf.mfu(flops, rate, devices, peak)
           scalars.update(grp.source.metrics(done))
           grp.writer.write(done, scalars)
           losses_str.append(f"{scalars['loss']:.4f}")
+        unit, per_step, flops, devices, peak = run[0].speed
         eta = (total - done) / max(rate, 1e-9)
-        logging.info("step %d/%d loss %s  %.2f steps/s  ETA %s", done, total,
-                     " ".join(losses_str), rate,
+        mfu = perf.mfu(flops, rate, devices, peak)
+        logging.info("step %d/%d loss %s  %.2f steps/s  %s %s/s per group%s"
+                     "  ETA %s", done, total, " ".join(losses_str), rate,
+                     _si(rate * per_step), unit,
+                     f"  MFU {100 * mfu:.3g}%" if mfu else "",
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
 
       if cadence.is_time(done, config.eval_every, total):
@@ -324,6 +373,7 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of) -> dict:
         break
 
   for grp in run:
+    grp.batches.close()
     grp.writer.close()
   ensemble_writer.close()
   return final

@@ -4,7 +4,10 @@ The environment must be set before jax is imported anywhere, hence at the top of
 conftest, which pytest imports before any test module.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 # The tests' programs are tiny: XLA's backend optimisations cost more compile
@@ -13,6 +16,16 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") +
     " --xla_force_host_platform_device_count=8"
     " --xla_backend_optimization_level=0").strip()
+
+# One persistent compilation cache for the session, this process and the
+# CLI runs it starts (they read the same variable): the many tests that build
+# the same tiny programs compile each once. Fresh per session, so a test never
+# sees another session's programs.
+_CACHE = tempfile.mkdtemp(prefix="codistill_jax_test_compile_cache_")
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 import jax  # noqa: E402  (must follow the environment set-up above)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from codistill_jax import churn
+from codistill_jax import exchange
 from codistill_jax import checkpoint
 from codistill_jax import paths
 from codistill_jax import metrics
@@ -68,7 +69,7 @@ def test_two_groups_on_sub_meshes_exchange_and_distil(tmp_path):
     assert all(r["distill_loss"] > 0 for r in rows if r["alpha"] == 1.0)
     assert all(r[f"restore_failures/group_{peer}"] == 0 for r in rows
                if f"restore_failures/group_{peer}" in r)
-    steps = checkpoint.committed_steps(paths.published_dir(
+    steps = exchange.published_steps(paths.published_dir(
         paths.run_dir(str(tmp_path), checkpoint.run_identity(config)), g))
     assert steps == [12, 16, 20]  # max_to_keep = 3.
   # Per-group, ensemble and agreement metrics at the end.

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from codistill_jax import checkpoint
 from codistill_jax import exchange
 from codistill_jax import paths
 from codistill_jax import mesh as mesh_lib
@@ -56,13 +55,20 @@ def abstract_of(tree, mesh):
   return jax.tree.map(one, tree)
 
 
-def publish(exchange_dir, group, step, params, max_to_keep=3):
-  pub = exchange.Publisher(str(exchange_dir), group, max_to_keep=max_to_keep)
+def publish(exchange_dir, group, step, params, max_to_keep=3, fmt=None):
+  pub = exchange.Publisher(str(exchange_dir), group, max_to_keep=max_to_keep,
+                           fmt=fmt)
   try:
     pub.publish(step, on_writer(params))
     pub.wait()
   finally:
     pub.close()
+
+
+# Both publish formats (exchange.py): one object per step, and Orbax
+# checkpoints (what multi-process groups write); tests of what a reader must
+# survive run on both.
+FORMATS = pytest.mark.parametrize("fmt", ["blob", "orbax"])
 
 
 def step_dir(exchange_dir, group, step):
@@ -71,7 +77,11 @@ def step_dir(exchange_dir, group, step):
 
 
 def array_files(exchange_dir, group, step):
-  """The tensorstore (OCDBT) files of a committed step: manifests and data."""
+  """The files holding a committed step's arrays: the `<step>.params`
+  object, or Orbax's tensorstore (OCDBT) manifests and data files."""
+  blob = step_dir(exchange_dir, group, step) + ".params"
+  if os.path.exists(blob):
+    return [blob]
   item = os.path.join(step_dir(exchange_dir, group, step), "default")
   files = [f for f in glob.glob(os.path.join(item, "**"), recursive=True)
            if os.path.isfile(f) and (
@@ -209,16 +219,17 @@ def test_newer_step_replaces_older_and_same_step_is_not_reloaded(tmp_path,
 
 
 # 4. -------------------------------------------------------------------------
+@FORMATS
 @pytest.mark.parametrize("block", [True, False])
 def test_reader_only_ever_holds_committed_steps_of_a_concurrent_writer(
-    tmp_path, make_reader, block):
+    tmp_path, make_reader, block, fmt):
   """block=False is the training loop's pattern: teachers() runs while the
   background thread restores."""
   num_steps = 30
   writer_errors = []
 
   def writer():
-    pub = exchange.Publisher(str(tmp_path), 0, max_to_keep=3)
+    pub = exchange.Publisher(str(tmp_path), 0, max_to_keep=3, fmt=fmt)
     try:
       for s in range(1, num_steps + 1):
         pub.publish(s, on_writer(step_tree(s)))
@@ -236,7 +247,8 @@ def test_reader_only_ever_holds_committed_steps_of_a_concurrent_writer(
   try:
     while thread.is_alive():
       if os.path.isdir(published):
-        saw_uncommitted |= any(".orbax-checkpoint-tmp" in n
+        saw_uncommitted |= any(".orbax-checkpoint-tmp" in n or
+                               n.endswith(".__lock")
                                for n in os.listdir(published))
       reader.refresh(block=block)  # Must never raise.
       t = reader.teachers()
@@ -266,19 +278,37 @@ def test_reader_only_ever_holds_committed_steps_of_a_concurrent_writer(
   assert reader.slots[0].step == num_steps
   assert_tree_equal(teacher(reader.teachers(), 0), step_tree(num_steps))
   assert reader.slots[0].failures == 0, reader.slots[0].last_error
-  # The race was exercised: uncommitted saves were on disk while the reader
-  # read, it followed several steps, and max_to_keep deleted old ones.
-  assert saw_uncommitted
+  # The race was exercised: it followed several steps while they were
+  # written, max_to_keep deleted old ones, and (Orbax's many files take
+  # long enough to see) uncommitted saves were on disk while it read.
+  assert saw_uncommitted or fmt == "blob"
   assert len(seen_steps) >= 3, seen_steps
-  assert checkpoint.committed_steps(published) == list(
+  assert exchange.published_steps(published) == list(
       range(num_steps - 2, num_steps + 1))
+
+
+def test_half_written_object_of_a_higher_step_is_ignored(tmp_path,
+                                                       make_reader):
+  publish(tmp_path, 0, 1, step_tree(1))
+  published = paths.published_dir(str(tmp_path), 0)
+  whole = open(os.path.join(published, "1.params"), "rb").read()
+  # What a writer killed mid-write leaves: tensorstore's temporary key.
+  with open(os.path.join(published, "12.params.__lock"), "wb") as f:
+    f.write(whole[:len(whole) // 2])
+  assert exchange.published_steps(published) == [1]
+  reader = make_reader(tmp_path, [0], abstract_of(step_tree(0), reader_mesh()))
+  reader.refresh(block=True)
+  assert reader.slots[0].step == 1 and reader.slots[0].failures == 0
+  # A restarted publisher clears it away.
+  exchange.Publisher(str(tmp_path), 0).close()
+  assert not os.path.exists(os.path.join(published, "12.params.__lock"))
 
 
 def test_uncommitted_orbax_tmp_directory_of_a_higher_step_is_ignored(
     tmp_path, make_reader):
   exchange_dir, scratch = tmp_path / "exchange", tmp_path / "scratch"
-  publish(exchange_dir, 0, 1, step_tree(1))
-  publish(scratch, 0, 9, step_tree(9))
+  publish(exchange_dir, 0, 1, step_tree(1), fmt="orbax")
+  publish(scratch, 0, 9, step_tree(9), fmt="orbax")
   published = paths.published_dir(str(exchange_dir), 0)
   # A save of step 9 that wrote everything but was never renamed (orbax's own
   # tmp name), and a half-written step 12 (tmp name with a timestamp).
@@ -294,7 +324,7 @@ def test_uncommitted_orbax_tmp_directory_of_a_higher_step_is_ignored(
       os.remove(f)
     else:
       os.truncate(f, os.path.getsize(f) // 2)
-  assert checkpoint.committed_steps(published) == [1]
+  assert exchange.published_steps(published) == [1]
 
   reader = make_reader(exchange_dir, [0],
                        abstract_of(step_tree(0), reader_mesh()))
@@ -322,7 +352,7 @@ def big_tree(step):
 
 def truncate_largest_data_file(exchange_dir, group, step):
   f = max(array_files(exchange_dir, group, step), key=os.path.getsize)
-  assert os.path.getsize(f) > 64 * 32 * 4 // 2  # The kernel's own data.
+  assert os.path.getsize(f) > 64 * 32 * 4 // 2  # The kernel's data in it.
   os.truncate(f, os.path.getsize(f) // 2)
 
 
@@ -339,19 +369,20 @@ def truncate_array_files_to_nothing(exchange_dir, group, step):
     os.truncate(f, 0)
 
 
+@FORMATS
 @pytest.mark.parametrize("corrupt", [truncate_largest_data_file,
                                      overwrite_array_files_with_garbage,
                                      truncate_array_files_to_nothing])
 def test_corrupt_peer_checkpoint_keeps_the_previous_teacher(tmp_path,
                                                             make_reader,
-                                                            corrupt):
+                                                            corrupt, fmt):
   reader = make_reader(tmp_path, [0], abstract_of(big_tree(0), reader_mesh()))
-  publish(tmp_path, 0, 1, big_tree(1))
+  publish(tmp_path, 0, 1, big_tree(1), fmt=fmt)
   reader.refresh(block=True)
   before = reader.teachers()
-  publish(tmp_path, 0, 2, big_tree(2))
+  publish(tmp_path, 0, 2, big_tree(2), fmt=fmt)
   corrupt(tmp_path, 0, 2)
-  assert checkpoint.committed_steps(
+  assert exchange.published_steps(
       paths.published_dir(str(tmp_path), 0)) == [1, 2]
 
   reader.refresh(block=True)  # Must not raise.
@@ -366,7 +397,7 @@ def test_corrupt_peer_checkpoint_keeps_the_previous_teacher(tmp_path,
   assert_tree_equal(teacher(t, 0), big_tree(1))
 
   # A good newer step is taken as soon as it is committed.
-  publish(tmp_path, 0, 3, big_tree(3))
+  publish(tmp_path, 0, 3, big_tree(3), fmt=fmt)
   reader.refresh(block=True)
   assert reader.slots[0].step == 3
   assert_tree_equal(teacher(reader.teachers(), 0), big_tree(3))
@@ -386,16 +417,17 @@ def with_extra_leaf(step):
   return tree
 
 
-@pytest.mark.parametrize("other, leaf", [(wider_kernel, "params.kernel"),
-                                         (without_bias, "params.bias"),
-                                         (with_extra_leaf, "params.scale")])
+@FORMATS
+@pytest.mark.parametrize("other, leaf", [(wider_kernel, "kernel"),
+                                         (without_bias, "bias"),
+                                         (with_extra_leaf, "scale")])
 def test_peer_checkpoint_of_another_architecture_keeps_the_previous_teacher(
-    tmp_path, make_reader, other, leaf):
+    tmp_path, make_reader, other, leaf, fmt):
   reader = make_reader(tmp_path, [0], abstract_of(step_tree(0), reader_mesh()))
-  publish(tmp_path, 0, 1, step_tree(1))
+  publish(tmp_path, 0, 1, step_tree(1), fmt=fmt)
   reader.refresh(block=True)
   before = reader.teachers()
-  publish(tmp_path, 0, 2, other(2))
+  publish(tmp_path, 0, 2, other(2), fmt=fmt)
 
   reader.refresh(block=True)  # Must not raise.
   slot = reader.slots[0]
@@ -415,14 +447,15 @@ def remove_item_dir(exchange_dir, group, step):
   shutil.rmtree(os.path.join(step_dir(exchange_dir, group, step), "default"))
 
 
-@pytest.mark.parametrize("damage", [remove_item_dir,
-                                    overwrite_array_files_with_garbage])
+@pytest.mark.parametrize("damage,fmt", [
+    (remove_item_dir, "orbax"), (overwrite_array_files_with_garbage, "orbax"),
+    (overwrite_array_files_with_garbage, "blob")])
 def test_unreadable_checkpoint_is_not_reported_as_another_architecture(
-    tmp_path, make_reader, damage):
+    tmp_path, make_reader, damage, fmt):
   reader = make_reader(tmp_path, [0], abstract_of(step_tree(0), reader_mesh()))
-  publish(tmp_path, 0, 1, step_tree(1))
+  publish(tmp_path, 0, 1, step_tree(1), fmt=fmt)
   reader.refresh(block=True)
-  publish(tmp_path, 0, 2, step_tree(2))
+  publish(tmp_path, 0, 2, step_tree(2), fmt=fmt)
   damage(tmp_path, 0, 2)
   reader.refresh(block=True)
   assert reader.slots[0].step == 1
@@ -430,12 +463,13 @@ def test_unreadable_checkpoint_is_not_reported_as_another_architecture(
       reader.slots[0].last_error)
 
 
+@FORMATS
 def test_bit_flipped_peer_checkpoint_is_not_used_as_teacher(tmp_path,
-                                                            make_reader):
+                                                            make_reader, fmt):
   reader = make_reader(tmp_path, [0], abstract_of(big_tree(0), reader_mesh()))
-  publish(tmp_path, 0, 1, big_tree(1))
+  publish(tmp_path, 0, 1, big_tree(1), fmt=fmt)
   reader.refresh(block=True)
-  publish(tmp_path, 0, 2, big_tree(2))
+  publish(tmp_path, 0, 2, big_tree(2), fmt=fmt)
   f = max(array_files(tmp_path, 0, 2), key=os.path.getsize)
   data = bytearray(open(f, "rb").read())
   middle = len(data) // 2
@@ -476,14 +510,15 @@ def test_teacher_dtype_bfloat16_casts_float_params_only(tmp_path, make_reader):
 
 
 # 7. -------------------------------------------------------------------------
-def test_committed_steps(tmp_path, make_reader):
+@FORMATS
+def test_committed_steps(tmp_path, make_reader, fmt):
   missing = paths.published_dir(str(tmp_path / "nowhere"), 0)
-  assert checkpoint.committed_steps(missing) == []
+  assert exchange.published_steps(missing) == []
   os.makedirs(tmp_path / "empty")
-  assert checkpoint.committed_steps(str(tmp_path / "empty")) == []
-  publish(tmp_path, 0, 2, step_tree(2))
-  publish(tmp_path, 0, 10, step_tree(10))
-  assert checkpoint.committed_steps(
+  assert exchange.published_steps(str(tmp_path / "empty")) == []
+  publish(tmp_path, 0, 2, step_tree(2), fmt=fmt)
+  publish(tmp_path, 0, 10, step_tree(10), fmt=fmt)
+  assert exchange.published_steps(
       paths.published_dir(str(tmp_path), 0)) == [2, 10]  # Numeric order.
   # A reader of an exchange dir that does not exist yet just holds nothing.
   reader = make_reader(tmp_path / "nowhere", [0],
@@ -506,7 +541,7 @@ def test_restarted_publisher_keeps_the_steps_it_replays(tmp_path,
     pub.wait()
   finally:
     pub.close()
-  assert checkpoint.committed_steps(
+  assert exchange.published_steps(
       paths.published_dir(str(tmp_path), 0)) == [1, 2, 3]
   reader = make_reader(tmp_path, [0], abstract_of(step_tree(0), reader_mesh()))
   reader.refresh(block=True)

@@ -134,10 +134,12 @@ def committed(directory):
 
 
 def uncommitted(directory):
-  """Orbax's temporary (never renamed) step directories."""
+  """Temporary (never renamed) steps: Orbax's step directories, and the
+  temporary keys of `<step>.params` objects."""
   if not os.path.isdir(directory):
     return []
-  return [d for d in os.listdir(directory) if "orbax-checkpoint-tmp" in d]
+  return [d for d in os.listdir(directory)
+          if "orbax-checkpoint-tmp" in d or d.endswith(".__lock")]
 
 
 def held_steps(workdir, group, peer):
@@ -196,7 +198,7 @@ def run_job_with_kills(workdir, num_groups, num_kills, rng):
           "groups": num_groups, "victim": victim, "kill_at": kill_at,
           "logged": last_step(workdir, victim), "time": time.time(),
           "checkpoints": committed(ckpt_dir(workdir, victim)),
-          "published": committed(published(workdir, victim)),
+          "published": exchange.published_steps(published(workdir, victim)),
           "tmp_left": uncommitted(ckpt_dir(workdir, victim)) + uncommitted(
               published(workdir, victim)),
           "others_at": {h: last_step(workdir, h) for h in others},
@@ -406,7 +408,9 @@ def test_damaged_peer_checkpoints_are_skipped_by_a_reader_process(tmp_path):
   reader_config.codistill.max_staleness = 0  # Its peer never trains.
   run = checkpoint.run_identity(reader_config)
   scratch = paths.run_dir(str(tmp_path / "scratch"), run)
-  publisher = exchange.Publisher(scratch, 1, run, max_to_keep=10)
+  # Orbax's format (many files) to damage file by file; tests/test_exchange.py
+  # damages the one-object format too.
+  publisher = exchange.Publisher(scratch, 1, run, max_to_keep=10, fmt="orbax")
   for s in (10, 20, 30, 40, 50):
     publisher.publish(s, params)
     publisher.wait()
@@ -795,7 +799,7 @@ def test_max_staleness_holds_a_group_back_until_the_peer_timeout(tmp_path):
     assert bounded and max(bounded) <= 20, bounded
     os.kill(procs[1].pid, signal.SIGSTOP)  # Group 1 hangs (not dead).
     time.sleep(1.0)  # Its background save, if any, was frozen too.
-    stopped_at = max(committed(published(workdir, 1)))
+    stopped_at = max(exchange.published_steps(published(workdir, 1)))
     # Group 0 trains on to the bound, then waits at the next exchange:
     # from step s it continues only while s - 20 <= group 1's newest step.
     time.sleep(6)

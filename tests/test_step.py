@@ -137,3 +137,45 @@ def test_golden_train_step_with_distillation():
   np.testing.assert_allclose(new.params["params"]["b"],
                              [0.08357784, -0.17143714, 0.28785932], rtol=1e-6)
   assert int(new.step) == 1 and float(m["alpha"]) == 0.5
+
+
+def test_microbatches_accumulate_to_the_whole_batch():
+  """k pieces through lax.scan equal one batch (weighted by their padding)."""
+  from codistill_jax import distill  # pylint: disable=g-import-not-at-top
+  from codistill_jax import losses  # pylint: disable=g-import-not-at-top
+  class Dense(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      del train
+      return nn.Dense(3)(x)
+
+  model = Dense()
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 4)).astype(np.float32)
+  weights = np.ones(16, np.float32)
+  weights[[1, 2, 3, 7, 13]] = 0  # Padding, unevenly spread over the pieces.
+  batch = {"inputs": x, "labels": rng.integers(0, 3, 16).astype(np.int32),
+           "weights": weights}
+  tx = optax.adam(1e-2)
+  state = step_lib.init_state(model, tx, jax.random.PRNGKey(0), x[:1])
+  tparams = [model.init(jax.random.PRNGKey(5 + i), x[:1]) for i in range(2)]
+  teachers = step_lib.Teachers(jax.tree.map(lambda *a: jnp.stack(a),
+                                            *tparams), jnp.ones(2))
+  apply_fn = lambda p, x, train=False, rngs=None: model.apply(p, x)
+  loss_fn = step_lib.make_loss_fn(losses.task_loss("softmax_xent"))
+  term = distill.Dense(apply_fn, losses.alpha_schedule(0.5, 0))
+  out = {}
+  for k in (1, 4):
+    step = jax.jit(step_lib.make_train_step(apply_fn, loss_fn, tx,
+                                            distill=term, microbatches=k))
+    out[k] = step(state, batch, teachers)
+  (s1, m1), (s4, m4) = out[1], out[4]
+  for key in ("loss", "task_loss", "distill_loss", "grad_norm"):
+    np.testing.assert_allclose(m4[key], m1[key], rtol=2e-5)
+  for a, b in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Unweighted averaging of the pieces would not be equal: the test can fail.
+  assert not np.isclose(float(m1["task_loss"]), float(np.mean([
+      losses.task_loss("softmax_xent")(model.apply(state.params, x[i::4]),
+                                       batch["labels"][i::4], weights[i::4])
+      for i in range(4)])), rtol=1e-4)

@@ -161,3 +161,26 @@ def test_progress_lines_say_done_total_and_eta(caplog):
   lines = [r.getMessage() for r in caplog.records if "eval validation" in
            r.getMessage()]
   assert lines[-1].startswith("eval validation: 10/40 batches (25%), ETA ")
+
+
+@pytest.mark.parametrize("fmt,looks_like", [
+    ("auto", "10.params"), ("blob", "10.params"), ("orbax", "10")])
+def test_exchange_format_chooses_what_a_publish_writes(tmp_path, fmt,
+                                                       looks_like):
+  from codistill_jax import exchange  # pylint: disable=g-import-not-at-top
+  config = load_config("flights_codistill")
+  config.codistill.exchange_format = fmt
+  store = storage.Storage(str(tmp_path), str(tmp_path / "x"), [0], run="r1")
+  store.open(publishing=[0], config=config)
+  params = {"w": jnp.arange(6.0).reshape(2, 3)}
+  try:
+    store.publish(0, 10, params, final=True, blocking=True)
+  finally:
+    store.close()
+  (published,) = [os.path.join(d, "published") for d, _, _ in
+                  os.walk(tmp_path / "x") if os.path.isdir(
+                      os.path.join(d, "published"))]
+  names = set(os.listdir(published))
+  assert looks_like in names and ({"10", "10.params"} - {looks_like}).isdisjoint(
+      names), names
+  assert exchange.published_steps(published) == [10]

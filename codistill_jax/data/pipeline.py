@@ -46,6 +46,60 @@ class Datasets:
     return next(iter(self.evals))
 
 
+class Prefetch:
+  """Batches prepared and put on the devices ahead of the step, on a thread.
+
+  Iterates `batches` (numpy host batches, e.g. `Datasets.train(step)`, or a
+  teacher source's wrapper of it) on a background thread and hands out
+  `to_device(batch)` of each, in order, keeping `depth` ready: the loop's
+  thread then only dispatches steps. An error of the iterator is raised by
+  `__next__` where the batch would have been.
+  """
+
+  _END = object()
+
+  def __init__(self, batches: Iterator[dict], to_device: Callable[[dict], Any],
+               depth: int = 2):
+    import queue  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    self._queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+
+    def fill():
+      try:
+        for batch in batches:
+          item = to_device(batch)
+          while not self._stop.is_set():
+            try:
+              self._queue.put(item, timeout=0.1)
+              break
+            except queue.Full:
+              continue
+          if self._stop.is_set():
+            return
+        self._queue.put(self._END)
+      except BaseException as e:  # pylint: disable=broad-except
+        self._queue.put(e)
+
+    self._thread = threading.Thread(target=fill, daemon=True,
+                                    name="prefetch")
+    self._thread.start()
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    item = self._queue.get()
+    if item is self._END:
+      raise StopIteration
+    if isinstance(item, BaseException):
+      raise item
+    return item
+
+  def close(self) -> None:
+    self._stop.set()
+
+
 @dataclasses.dataclass(frozen=True)
 class ArraySplit:
   """A split held in memory.

@@ -1,0 +1,1 @@
+"""Model plug-ins of the benchmarks (not part of codistill_jax)."""
