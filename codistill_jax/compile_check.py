@@ -18,9 +18,19 @@ is asked for one batch (shapes only matter) and the dataset's sizes
 
 Targets: `--num_devices=N` compiles for N devices of the platform JAX sees
 (on a CPU host N fake CPU devices; XLA's CPU memory figures are a proxy
-for an accelerator's). `--topology=v5e:4x4` compiles for
-a TPU slice that is not attached (`jax.experimental.topologies`, needs
-libtpu; the figures are then the TPU compiler's own).
+for an accelerator's). `--topology=v5e:4x4` compiles for a TPU slice that is
+not attached (`jax.experimental.topologies`, `pip install -e .[tpu]`): the
+slice is carved into G sub-slices (`mesh.slice_groups`), the last group's
+step is compiled (every group has the same shape; libtpu's compile-only
+client refuses some sets that hold chip 0), and the figures are the TPU
+compiler's own, with its estimated step time. From it: the implied MFU
+against the chip's peak (`perf.PEAK_BF16`), examples or tokens per second
+per chip, whether the step fits the chip's HBM, and for codistillation the
+bytes a group publishes per exchange and their time at
+`--storage_bandwidth`.
+
+  python -m codistill_jax.compile_check --config=configs/lm_1b.py \
+      --topology=v5p:4x4x8 --config.codistill.num_groups=2
 
 Exit codes: 0 fits (or no budget given), 2 bad input (one `error:` line),
 3 over `--max_memory_per_device` (one `error:` line naming the figure).
@@ -28,6 +38,7 @@ Exit codes: 0 fits (or no budget given), 2 bad input (one `error:` line),
 
 import dataclasses
 import json
+import os
 import re
 import time
 
@@ -40,6 +51,7 @@ from codistill_jax import cli
 from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import mesh as mesh_lib
+from codistill_jax import perf
 from codistill_jax import teachers
 from codistill_jax.errors import ConfigError
 
@@ -53,17 +65,20 @@ _TOPOLOGY = flags.DEFINE_string(
 _BUDGET = flags.DEFINE_string(
     "max_memory_per_device", None, "Fail (exit 3) if one device needs more, "
     "e.g. '16GiB', '512MiB' or bytes.")
+_BANDWIDTH = flags.DEFINE_string(
+    "storage_bandwidth", "1GB", "Bytes per second a group writes to the "
+    "exchange dir (e.g. '1GB', '200MiB'), to time a publish.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the report here.")
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10,
           "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_bytes(text: str) -> int:
-  """'16GiB' -> 17179869184; raises ConfigError on anything else."""
+def parse_bytes(text: str, flag: str = "--max_memory_per_device") -> int:
+  """'16GiB' -> 17179869184; raises ConfigError naming `flag` otherwise."""
   m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", text or "")
-  if not m or m.group(2).lower() not in _UNITS:
-    raise ConfigError(f"--max_memory_per_device={text!r} is not a size; use "
+  if not m or m.group(2).lower() not in _UNITS or not float(m.group(1)):
+    raise ConfigError(f"{flag}={text!r} is not a size; use "
                       "e.g. 16GiB, 512MiB or a number of bytes")
   return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
@@ -74,9 +89,10 @@ def _gib(n: float) -> str:
 
 @dataclasses.dataclass
 class Report:
-  """What one device needs for one train step of one group."""
+  """What one device needs for one train step of one group, and how fast."""
   groups: int
   devices_per_group: int
+  device_kind: str
   teachers: int  # Stacked teacher param sets in the step (G-1 for peers).
   params: int  # Parameters of the student.
   argument_bytes: int  # State + batch + teachers (one device's shards).
@@ -84,8 +100,18 @@ class Report:
   alias_bytes: int  # Outputs written into donated arguments (the state).
   temp_bytes: int
   code_bytes: int
+  peak_bytes: int  # XLA's own peak of live buffers (0 if not given).
   flops: float  # Per device per step (XLA's cost analysis).
+  model_flops: float  # Per device per step by the model's count (0: none).
   compile_s: float
+  unit: str  # 'tokens' or 'examples'.
+  per_step: int  # Units one group's step consumes.
+  step_s: float | None = None  # The TPU compiler's estimate (optimal_seconds).
+  peak_flops: float = 0.0  # Per device (perf.peak_flops).
+  hbm_bytes: float | None = None  # Per device (perf.HBM_BYTES).
+  publish_bytes: int = 0  # Params one group publishes per exchange.
+  storage_bandwidth: float = 1e9  # Bytes/s assumed for a publish.
+  scanned: bool = False  # A scanned layer loop: XLA counts its body once.
 
   @property
   def total_bytes(self) -> int:
@@ -93,31 +119,76 @@ class Report:
     return (self.argument_bytes + self.output_bytes - self.alias_bytes +
             self.temp_bytes + self.code_bytes)
 
+  @property
+  def mfu(self) -> float | None:
+    """Model FLOPs utilisation the compiler's step time implies."""
+    if not (self.step_s and self.peak_flops):
+      return None
+    return perf.mfu(self.model_flops or self.flops, 1 / self.step_s, 1,
+                    self.peak_flops)
+
+  @property
+  def per_chip_per_s(self) -> float | None:
+    if not self.step_s:
+      return None
+    return self.per_step / self.step_s / self.devices_per_group
+
+  @property
+  def fits(self) -> bool | None:
+    return None if not self.hbm_bytes else self.total_bytes <= self.hbm_bytes
+
+  def to_json(self) -> dict:
+    return {**dataclasses.asdict(self), "total_bytes": self.total_bytes,
+            "mfu": self.mfu, "per_chip_per_s": self.per_chip_per_s,
+            "fits": self.fits}
+
   def lines(self) -> list[str]:
-    return [
-        f"groups {self.groups} x {self.devices_per_group} devices, "
-        f"{self.teachers} stacked teacher(s), {self.params:,} params",
+    out = [
+        f"groups {self.groups} x {self.devices_per_group} {self.device_kind} "
+        f"devices, {self.teachers} stacked teacher(s), {self.params:,} params",
         f"per device: arguments {_gib(self.argument_bytes)}, outputs "
         f"{_gib(self.output_bytes)} (aliased {_gib(self.alias_bytes)}), "
         f"temporaries {_gib(self.temp_bytes)}, code {_gib(self.code_bytes)}",
-        f"per device total {_gib(self.total_bytes)}; "
-        f"{self.flops / 1e9:.3f} GFLOP per step; compiled in "
-        f"{self.compile_s:.1f}s",
-    ]
+        f"per device total {_gib(self.total_bytes)}"
+        + (f" of {_gib(self.hbm_bytes)} HBM: "
+           f"{'fits' if self.fits else 'does NOT fit'}" if self.hbm_bytes
+           else "") + f"; {self.flops / 1e9:.3f} GFLOP per device per step; "
+        f"compiled in {self.compile_s:.1f}s" + (
+            f" (model's count {self.model_flops / 1e9:.3f})"
+            if self.model_flops else "")]
+    if self.step_s:
+      out.append(
+          f"estimated step {1e3 * self.step_s:.2f} ms (the compiler's); MFU "
+          + (f"{100 * self.mfu:.1f}% of {self.peak_flops / 1e12:.0f} TFLOP/s"
+             if self.mfu is not None else "unknown (no peak for this chip)")
+          + f"; {perf.si(self.per_chip_per_s)} {self.unit}/s per chip")
+      if self.scanned:
+        out.append("warning: the layers are scanned and the compiler's "
+                   "flops and step time count the loop's body once; "
+                   "--config.model.scan_layers=False gives the whole step")
+    if self.teachers and self.publish_bytes:
+      out.append(
+          f"publish per exchange {_gib(self.publish_bytes)}: "
+          f"{self.publish_bytes / self.storage_bandwidth:.2f} s at "
+          f"{self.storage_bandwidth / 1e9:g} GB/s (--storage_bandwidth)")
+    return out
 
 
-def check(config, devices=None) -> Report:
+def check(config, devices=None, storage_bandwidth: float = 1e9) -> Report:
   """Compiles one group's train step for `devices` (all groups'); no compute.
 
   Args:
     config: the experiment config (validated for this device count).
     devices: the target's devices (default: jax.devices()); they may belong
       to a topology that is not attached.
+    storage_bandwidth: bytes/s to time one publish at.
   """
   devices = list(devices if devices is not None else jax.devices())
   groups = config.codistill.num_groups
   config_lib.validate(config, num_devices=len(devices))
-  group_devices = mesh_lib.group_devices(groups, devices)[0]
+  # The slice is carved (and checked) before anything compiles: libtpu
+  # aborts the whole process on some device sets.
+  group_devices = mesh_lib.slice_groups(groups, devices)[-1]
   mesh = mesh_lib.make_mesh(group_devices)
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=groups, process_index=0, process_count=1)
@@ -139,20 +210,43 @@ def check(config, devices=None) -> Report:
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # Older JAX: one dict per program.
     cost = cost[0] if cost else {}
+  cost = cost or {}
+  device = group_devices[0]
+  unit, per_step = perf.describe(example)
+  params = jax.tree.leaves(setup.abstract.params)
+  n_teachers = sum(int(a.weights.shape[0]) for a in layout.args)
   return Report(
       groups=groups, devices_per_group=len(group_devices),
-      teachers=sum(int(a.weights.shape[0]) for a in layout.args),
-      params=sum(x.size for x in jax.tree.leaves(setup.abstract.params)),
+      device_kind=getattr(device, "device_kind", device.platform),
+      teachers=n_teachers,
+      params=sum(x.size for x in params),
       argument_bytes=mem.argument_size_in_bytes,
       output_bytes=mem.output_size_in_bytes,
       alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
       code_bytes=mem.generated_code_size_in_bytes,
-      flops=float((cost or {}).get("flops", 0.0)), compile_s=compile_s)
+      peak_bytes=getattr(mem, "peak_memory_in_bytes", 0) or 0,
+      flops=float(cost.get("flops", 0.0)),
+      model_flops=perf.model_flops(setup.model, example, n_teachers) /
+      len(group_devices),
+      compile_s=compile_s,
+      unit=unit, per_step=per_step,
+      step_s=float(cost["optimal_seconds"]) if cost.get("optimal_seconds")
+      else None,
+      peak_flops=perf.peak_flops(device) if device.platform != "cpu" else 0.0,
+      hbm_bytes=perf.hbm_bytes(device),
+      publish_bytes=(sum(x.size * x.dtype.itemsize for x in params)
+                     if teachers.source_class(config) is teachers.Peers
+                     else 0),
+      storage_bandwidth=storage_bandwidth,
+      scanned=bool(getattr(setup.model, "scan_layers", False)))
 
 
 def _target_devices():
   """The devices to compile for, from --topology or --num_devices."""
   if _TOPOLOGY.value:
+    # A compile-only client opens no chip: it need not hold libtpu's
+    # one-process lock (which a training job on this host may hold).
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
       topo = topologies.get_topology_desc(topology_name=_TOPOLOGY.value,
                                           platform="tpu")
@@ -182,12 +276,12 @@ def main(argv):
                       "device count")
   budget = (parse_bytes(_BUDGET.value) if _BUDGET.value is not None
             else None)
-  report = check(_CONFIG.value, _target_devices())
+  bandwidth = parse_bytes(_BANDWIDTH.value, "--storage_bandwidth")
+  report = check(_CONFIG.value, _target_devices(), bandwidth)
   print("\n".join(report.lines()))
   if _JSON.value:
     with open(_JSON.value, "w") as f:
-      json.dump({**dataclasses.asdict(report),
-                 "total_bytes": report.total_bytes}, f, indent=2)
+      json.dump(report.to_json(), f, indent=2)
   if budget is not None and report.total_bytes > budget:
     cli.fail(f"the train step needs {_gib(report.total_bytes)} per device, "
              f"over --max_memory_per_device={_BUDGET.value}; use more "

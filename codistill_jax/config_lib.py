@@ -329,7 +329,12 @@ def check_like(name: str, value, default) -> None:
       raise ConfigError(f"{name}={value!r} must be a tuple like {default!r}")
     for v in value:
       for d in default[:1]:
-        check_like(name, v, d)
+        if isinstance(d, (tuple, list)):  # Records (e.g. rules): their
+          if not isinstance(v, (tuple, list)):  # owner checks the fields.
+            raise ConfigError(f"{name}={value!r} must be a tuple of tuples "
+                              f"like {default!r}")
+        else:
+          check_like(name, v, d)
     return
   kinds = (int, float) if isinstance(default, float) else (type(default),)
   if isinstance(default, (int, float, str, bool)) and (

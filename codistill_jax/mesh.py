@@ -39,7 +39,7 @@ def group_devices(num_groups: int, devices: Sequence[Any] | None = None):
                    key=lambda d: (d.process_index, d.id))
   if num_groups < 1 or len(devices) % num_groups:
     raise ConfigError(
-        f"config.num_groups={num_groups} does not divide the {len(devices)} "
+        f"config.codistill.num_groups={num_groups} does not divide the {len(devices)} "
         "devices; use a divisor of the device count")
   by_process: dict[int, list[Any]] = {}
   for d in devices:
@@ -173,10 +173,14 @@ def check_config(config, num_devices: int | None = None,
 
 def check_rules(rules) -> None:
   for i, rule in enumerate(rules):
-    if len(rule) != 2 or rule[1] not in STRATEGIES:
+    ok = len(rule) == 2 and (rule[1] in STRATEGIES or (
+        isinstance(rule[1], (tuple, list)) and
+        all(a in (None, DATA_AXIS) for a in rule[1])))
+    if not ok:
       raise ConfigError(
           f"config.sharding.rules[{i}]={rule!r} must be (regex, strategy) with "
-          f"strategy in {STRATEGIES}")
+          f"strategy one of {STRATEGIES} or a spec, one of None or "
+          f"{DATA_AXIS!r} per dimension, e.g. (None, {DATA_AXIS!r})")
     try:
       re.compile(rule[0])
     except re.error as e:
@@ -185,16 +189,31 @@ def check_rules(rules) -> None:
 
 
 def path_str(path) -> str:
-  """'params/Dense_0/kernel' for a pytree key path."""
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+  """'params/params/Dense_0/kernel' for a pytree key path (dict keys,
+  dataclass fields and sequence indices alike)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(
+      k, "idx", k)))) for k in path)
 
 
 def spec_for(name: str, shape: tuple[int, ...], rules, axis_size: int,
              min_size: int) -> P:
-  """The PartitionSpec of one parameter under `rules`."""
+  """The PartitionSpec of one parameter under `rules`.
+
+  'replicate'; 'fsdp': the largest dimension the axis divides is split; a
+  spec (None or 'data' per dimension, the last dimensions when the leaf has
+  more, e.g. a scanned layers axis first): those dimensions, each only if
+  the axis divides it.
+  """
   strategy = next((s for r, s in rules if re.fullmatch(r, name)), "replicate")
   if strategy == "replicate" or int(np.prod(shape)) < min_size:
     return P()
+  if not isinstance(strategy, str):
+    spec = [None] * (len(shape) - len(strategy)) + list(strategy)
+    if len(spec) != len(shape):
+      raise ConfigError(f"config.sharding.rules: spec {tuple(strategy)} for "
+                        f"{name} has more dimensions than its shape {shape}")
+    return P(*[a if a and shape[d] % axis_size == 0 else None
+               for d, a in enumerate(spec)])
   # fsdp: split the largest dimension that the axis divides.
   for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
     if shape[dim] % axis_size == 0:

@@ -44,6 +44,30 @@ def _lookup(table: dict, kind: str):
   return None
 
 
+def model_flops(model, example_batch: dict[str, Any], teachers: int = 0
+                ) -> float:
+  """FLOPs of one training step by the model's own count, or 0.
+
+  For a sequence model that gives `flops_per_token(seq_len)` (its forward):
+  3x the forward for the student's update (PaLM's MFU convention; a
+  rematerialised forward is not counted) plus one forward per stacked
+  teacher, over the batch's tokens. XLA's count (`step_flops`) is the
+  fallback; it sees a scanned layer loop's body once, so it undercounts
+  models with `scan_layers`.
+  """
+  per_token = getattr(model, "flops_per_token", None)
+  labels = example_batch["labels"]
+  if per_token is None or getattr(labels, "ndim", 1) != 2:
+    return 0.0
+  batch, length = labels.shape
+  return (3 + teachers) * per_token(length) * batch * length
+
+
+def hbm_bytes(device) -> float | None:
+  """Memory of one accelerator chip (None when the table does not know)."""
+  return _lookup(HBM_BYTES, getattr(device, "device_kind", ""))
+
+
 def step_flops(jitted, *args) -> float:
   """FLOPs of one call of `jitted` on `args` (arrays or ShapeDtypeStructs),
   all devices together; 0 if XLA does not say."""
@@ -104,6 +128,14 @@ def mfu(flops_per_step: float, steps_per_s: float, devices: int,
   if not (flops_per_step and peak_per_device and devices):
     return 0.0
   return flops_per_step * steps_per_s / (devices * peak_per_device)
+
+
+def si(x: float) -> str:
+  """12345.6 -> '12.3k' (rates in progress lines and reports)."""
+  for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    if abs(x) >= scale:
+      return f"{x / scale:.1f}{unit}"
+  return f"{x:.0f}"
 
 
 def describe(example_batch: dict[str, Any]) -> tuple[str, int]:

@@ -100,14 +100,6 @@ def _check_finite(config, step: int, stacked: dict, last_saved: int | None,
       "(config.init_checkpoint=<this workdir> starts from its params)")
 
 
-def _si(x: float) -> str:
-  """12345.6 -> '12.3k'."""
-  for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-    if abs(x) >= scale:
-      return f"{x / scale:.1f}{unit}"
-  return f"{x:.0f}"
-
-
 def _process_slot(procs: list[int]) -> tuple[int, int]:
   """(index, count) of this process among the processes of a group."""
   return procs.index(jax.process_index()), len(procs)
@@ -190,9 +182,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                       layout.arg_shardings)
     if not run:  # Every group's step has the same shapes: ask XLA once.
       unit, per_step = perf.describe(example)
-      flops = perf.step_flops(train_step, setup.abstract, {
-          **build.with_shardings(example, mesh_lib.batch_sharding(mesh)),
-          **layout.batch}, *layout.args)
+      flops = nproc * perf.model_flops(setup.model, example, sum(
+          int(a.weights.shape[0]) for a in layout.args)) or perf.step_flops(
+              train_step, setup.abstract, {
+                  **build.with_shardings(example,
+                                         mesh_lib.batch_sharding(mesh)),
+                  **layout.batch}, *layout.args)
       speed = (unit, per_step * nproc, flops, len(devices[g]),
                perf.peak_flops(devices[g][0]))
     run.append(Group(
@@ -339,7 +334,7 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
         mfu = perf.mfu(flops, rate, devices, peak)
         logging.info("step %d/%d loss %s  %.2f steps/s  %s %s/s per group%s"
                      "  ETA %s", done, total, " ".join(losses_str), rate,
-                     _si(rate * per_step), unit,
+                     perf.si(rate * per_step), unit,
                      f"  MFU {100 * mfu:.3g}%" if mfu else "",
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
 

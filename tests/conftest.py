@@ -27,6 +27,10 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
+# Tests describe TPU slices in this process and compile for them in others:
+# neither opens a chip, so neither needs libtpu's one-process lock.
+os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+
 import jax  # noqa: E402  (must follow the environment set-up above)
 
 jax.config.update("jax_numpy_rank_promotion", "raise")

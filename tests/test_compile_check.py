@@ -7,15 +7,19 @@ must show up in the argument bytes, so a check that ignored them would fail.
 """
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from codistill_jax import compile_check
+from codistill_jax import mesh as mesh_lib
+from codistill_jax.errors import ConfigError
 from tests.test_train import ROOT, load_config
 
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0]
@@ -50,9 +54,14 @@ def test_every_config_compiles_for_the_fake_devices(name, small_data):
   assert report.params > 0 and report.flops > 0
   # The state is donated: its outputs are written into its arguments.
   assert 0 < report.alias_bytes <= report.output_bytes
-  # Params replicated (the default rule): every device holds all of them
-  # once for the student and once for the teacher, plus the optimizer state.
-  assert report.argument_bytes >= 2 * 4 * report.params
+  if any(s != "replicate" for _, s in config.sharding.rules):
+    # FSDP rules (the LM configs): each device holds a share of the state.
+    assert report.argument_bytes < 4 * report.params
+  else:
+    # Params replicated (the default rule): every device holds all of them
+    # once for the student and once for the teacher, plus the optimizer
+    # state.
+    assert report.argument_bytes >= 2 * 4 * report.params
   assert report.total_bytes >= report.argument_bytes
   assert any("per device total" in line for line in report.lines())
 
@@ -112,7 +121,7 @@ def test_cli_reports_and_enforces_the_budget(tmp_path):
                  "--num_devices=4", "--max_memory_per_device=1GiB",
                  f"--json_out={out}")
   assert ok.returncode == 0, ok.stderr
-  assert "groups 2 x 2 devices, 1 stacked teacher(s)" in ok.stdout
+  assert "groups 2 x 2 cpu devices, 1 stacked teacher(s)" in ok.stdout
   report = json.loads(out.read_text())
   assert report["total_bytes"] > 0 and report["flops"] > 0
 
@@ -154,3 +163,78 @@ def test_sampled_and_service_steps_compile_with_their_own_inputs(small_data,
   b, length = service.data.batch_size // 8, service.data.seq_len
   assert dense.argument_bytes - sparse.argument_bytes == pytest.approx(
       b * length * (vocab - 8) * 4, rel=0.05)
+
+
+# ---------------------------------------------------------------------------
+# TPU slices that are not attached (libtpu's compile-only client).
+# ---------------------------------------------------------------------------
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None,
+    reason="libtpu is not installed (pip install -e .[tpu]); it installs "
+    "from PyPI on x86-64 Linux only")
+
+
+def _slice(name):
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  return topologies.get_topology_desc(topology_name=name,
+                                      platform="tpu").devices
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name,groups,block", [
+    ("v5e:4x4", 2, (4, 2, 1)), ("v5e:4x4", 4, (4, 1, 1)),
+    ("v5e:4x4", 8, (2, 1, 1)), ("v6e:8x8", 4, (8, 2, 1)),
+    ("v5p:2x2x4", 2, (2, 2, 2)), ("v5p:2x2x4", 8, (2, 1, 1))])
+def test_a_slice_is_carved_into_equal_blocks(name, groups, block):
+  devices = _slice(name)
+  carved = mesh_lib.slice_groups(groups, devices)
+  assert sorted(d.id for g in carved for d in g) == sorted(
+      d.id for d in devices)  # Disjoint and complete.
+  for group in carved:
+    coords = np.array([d.coords for d in group])
+    assert tuple(coords.max(0) - coords.min(0) + 1) == block
+    assert len({tuple(c) for c in coords}) == len(group)  # One per chip.
+
+
+@needs_libtpu
+def test_a_group_count_the_slice_cannot_hold_names_the_ones_it_can():
+  with pytest.raises(ConfigError, match=r"num_groups=3 .*use one of "
+                     r"\[1, 2, 4, 8, 16\]"):
+    mesh_lib.slice_groups(3, _slice("v5e:4x4"))
+
+
+@needs_libtpu
+@pytest.mark.slow  # One TPU compile in a subprocess (libtpu may abort one).
+def test_a_codistilled_lm_compiles_for_a_tpu_slice(tmp_path):
+  out = tmp_path / "report.json"
+  # v5e:4x4 is where G = 2 used to fail (a group interleaving two hosts'
+  # chips); the quick LM codistils, so the exchange is reported too.
+  result = run_check("--config=configs/lm_125m.py:quick,groups=2",
+                     "--topology=v5e:4x4", "--storage_bandwidth=100MB",
+                     f"--json_out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["groups"] == 2 and report["devices_per_group"] == 8
+  assert report["device_kind"].startswith("TPU v5")
+  assert report["step_s"] > 0 and 0 < report["mfu"] < 1
+  assert report["per_chip_per_s"] > 0 and report["fits"] is True
+  assert report["publish_bytes"] == 4 * report["params"]  # float32 params.
+  assert "estimated step" in result.stdout
+  assert "at 0.1 GB/s" in result.stdout
+
+
+@needs_libtpu
+@pytest.mark.slow
+@pytest.mark.parametrize("args,words", [
+    (["--topology=v9z:1x1"], "--topology=v9z:1x1"),
+    (["--topology=v5e:4x4", "--config.codistill.num_groups=3"],
+     "num_groups=3"),
+    (["--topology=v5e:2x2", "--storage_bandwidth=fast"],
+     "--storage_bandwidth"),
+])
+def test_bad_topology_input_is_one_line(args, words):
+  result = run_check("--config=configs/lm_125m.py:quick,groups=2", *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and words in errors[0], errors
+  assert "Traceback" not in result.stderr

@@ -201,7 +201,7 @@ def test_partition_shared_and_errors():
       order.partition(indices, 3, 2, "shared", seed=0), indices)
   with pytest.raises(ConfigError, match="config.data.partition"):
     order.partition(indices, 2, 0, "overlap", seed=0)
-  with pytest.raises(ConfigError, match="config.num_groups"):
+  with pytest.raises(ConfigError, match="config.codistill.num_groups"):
     order.partition(indices[:3], 4, 0, "disjoint", seed=0)
 
 
@@ -269,7 +269,7 @@ def test_unknown_module_is_a_config_error():
     data_lib.get_module("nope")
   assert set(data_lib.available()) == {
       "flights", "criteo", "fashion_mnist", "kernel_docs", "tfds_image",
-      "tfds_text"}  # Helpers (common, tokenizer) are not data sources.
+      "tfds_text", "synthetic_lm"}  # Helpers (order, lm, ...) are not.
   with pytest.raises(ConfigError, match="config.data.name"):
     data_lib.get_module("tokenizer")
 
@@ -844,3 +844,18 @@ def test_tfds_text_mocked_lm1b(tmp_path):
     assert len(list(ds.evals["validation"]())) == 3
   assert batch["inputs"].shape == (4, 6)
   assert (batch["labels"] == tokenizer_lib.EOD).any()
+
+
+def test_synthetic_lm_is_learnable_deterministic_and_disjoint():
+  from codistill_jax.data import synthetic_lm  # pylint: disable=g-import-not-at-top
+  args = dict(vocab_size=64, seq_len=32, count=256, branching=4, seed=0)
+  train = synthetic_lm.windows(**args, split="train")
+  again = synthetic_lm.windows.__wrapped__(**args, split="train")
+  np.testing.assert_array_equal(train, again)  # Same chain, same windows.
+  test = synthetic_lm.windows(**args, split="test")
+  assert not (train[:, :8][:, None] == test[:, :8][None]).all(-1).any()
+  assert train.min() >= 1 and train.max() < 64  # 0 is padding, never drawn.
+  # Every transition is one of the chain's `branching` successors.
+  nxt, _ = synthetic_lm.successors(64, 4, 0)
+  pairs = np.stack([train[:, :-1].ravel(), train[:, 1:].ravel()], 1)
+  assert all(b in nxt[a] for a, b in pairs[:500])

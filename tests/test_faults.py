@@ -596,7 +596,8 @@ def test_two_runs_on_one_exchange_root_never_cross_read_or_delete(
   first = _codistill(shared, 0, 40)
   train.train_and_evaluate(first, str(tmp_path / "a"))
   run_a = paths.run_dir(shared, checkpoint.run_identity(first))
-  kept = {g: committed(paths.published_dir(run_a, g)) for g in (0, 1)}
+  kept = {g: exchange.published_steps(paths.published_dir(run_a, g))
+          for g in (0, 1)}
   assert kept == {0: [30, 35, 40], 1: [30, 35, 40]}
   # Another seed, then another architecture, on the same root: shorter runs
   # whose own steps never reach run a's.
@@ -610,7 +611,7 @@ def test_two_runs_on_one_exchange_root_never_cross_read_or_delete(
               for r in rows(workdir, g) if f"teacher_step/group_{1 - g}" in r]
       assert used and all(p < s and p % 5 == 0 for s, p in used), used
       # Run a's published steps are all still there.
-      assert committed(paths.published_dir(run_a, g)) == kept[g]
+      assert exchange.published_steps(paths.published_dir(run_a, g)) == kept[g]
     notes = [r.getMessage() for r in caplog.records
              if "other runs" in r.getMessage()]
     assert len(notes) == 1, notes

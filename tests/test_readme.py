@@ -6,8 +6,9 @@ Every ```bash block is preceded by a marker saying how the test treats it:
   <!-- readme-test: quick -->           run with each `--config=configs/x.py`
                                         at its `:quick` size
   <!-- readme-test: skip: <reason> -->  not runnable here (a cluster, a GPU)
-  ...; needs: <path> [<path> ...]       skipped, saying so, where a dataset
-                                        of DATA.md is not installed
+  ...; needs: <path or module> ...      skipped, saying so, where a dataset
+                                        of DATA.md (a path) or an optional
+                                        module (a name: libtpu) is missing
 
 Blocks run in order in one shell each, with `/tmp/` pointing into the test's
 own temporary directory (so a later block finds an earlier one's run). Their
@@ -16,6 +17,7 @@ again (CI installs the package first). ```python blocks are executed too.
 """
 
 import ast
+import importlib.util
 import os
 import re
 import subprocess
@@ -89,7 +91,9 @@ def test_every_shell_block_runs_as_written(tmp_path):
     if lang != "bash" or mark.startswith("skip"):
       continue
     kind, _, needs = mark.partition("; needs:")
-    missing = [p for p in needs.split() if not os.path.exists(p)]
+    missing = [p for p in needs.split() if not (
+        os.path.exists(p) if p.startswith("/") else
+        importlib.util.find_spec(p) is not None)]
     if missing:
       skipped.append((line, missing))
       continue

@@ -157,7 +157,7 @@ def partition(indices: np.ndarray, num_groups: int, group: int, mode: str,
     raise ConfigError(f"config.data.partition={mode!r}: use one of "
                       f"{PARTITION_MODES}")
   if len(indices) < num_groups:
-    raise ConfigError(f"config.num_groups={num_groups} disjoint shards of only "
+    raise ConfigError(f"config.codistill.num_groups={num_groups} disjoint shards of only "
                       f"{len(indices)} training examples; use fewer groups or "
                       "config.data.partition='shared'")
   shuffled = indices[permutation(len(indices), seed, _PARTITION_TAG)]
