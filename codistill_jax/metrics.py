@@ -7,6 +7,7 @@ predictions, so binary tasks also return per-example probabilities.
 
 import json
 import os
+import sys
 import time
 from typing import Any, Mapping
 
@@ -117,6 +118,26 @@ class Progress:
       logging.info("%s: %d batches (%.1f/s)", self.what, self.done, rate)
 
 
+def _summary_writer():
+  """tensorboardX's SummaryWriter, imported without torch.
+
+  tensorboardX's writer imports torch whenever it is installed (for
+  `isinstance` checks we never need): seconds of start-up, and a job that
+  holds both torch's and XLA's runtimes aborts at exit after SIGTERM or
+  Ctrl-C. `sys.modules['torch'] = None` makes that import fail for the
+  moment of ours; torch stays importable afterwards.
+  """
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """TensorBoard events (tensorboardX) plus a JSONL file of every metric.
 
@@ -128,9 +149,8 @@ class MetricWriter:
     self.enabled = enabled
     self._tb = None
     if enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(logdir, exist_ok=True)
-      self._tb = SummaryWriter(logdir, flush_secs=10)
+      self._tb = _summary_writer()(logdir, flush_secs=10)
       path = os.path.join(logdir, "metrics.jsonl")
       _drop_torn_line(path)
       # O_APPEND and one write per line: a row is whole or absent.

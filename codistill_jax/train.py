@@ -207,6 +207,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     final = _loop(config, workdir, run, storage, procs_of, profile_steps)
   finally:
+    for grp in run:  # Input threads end before anything else (see Prefetch).
+      if grp.batches is not None:
+        grp.batches.close()
     storage.release()  # The locks go even when the loop fails.
   storage.close()
   sources.close()
@@ -368,7 +371,6 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
         break
 
   for grp in run:
-    grp.batches.close()
     grp.writer.close()
   ensemble_writer.close()
   return final

@@ -35,7 +35,11 @@ def _run_quick(root, out, *extra):
   return subprocess.run(
       [sys.executable, os.path.join(REPO, "experiments", "repro.py"),
        "--quick", f"--root={root}", f"--out={out}", "--jobs=2", *extra],
-      cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+      cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+      # The checkout's package, installed or not (a script's sys.path
+      # starts at experiments/).
+      env={**os.environ, "PYTHONPATH": os.pathsep.join(
+          filter(None, [REPO, os.environ.get("PYTHONPATH")]))})
 
 
 def _table_rows(section: str) -> list[list[str]]:

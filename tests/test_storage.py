@@ -1,6 +1,7 @@
 """The storage owner's pieces on their own: writer locks, checksums, run
 identity, metrics files (storage.py, checkpoint.py, metrics.py)."""
 
+import importlib.util
 import json
 import os
 import socket
@@ -184,3 +185,18 @@ def test_exchange_format_chooses_what_a_publish_writes(tmp_path, fmt,
   assert looks_like in names and ({"10", "10.params"} - {looks_like}).isdisjoint(
       names), names
   assert exchange.published_steps(published) == [10]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="torch is not installed: nothing to keep out")
+def test_the_metric_writer_keeps_torch_out_of_the_process(tmp_path):
+  # tensorboardX imports torch when it can; torch and XLA in one process
+  # abort together at exit after a signal.
+  code = ("import sys; from codistill_jax import metrics; "
+          f"metrics.MetricWriter({str(tmp_path)!r}).close(); "
+          "assert 'torch' not in sys.modules, 'torch was imported'; "
+          "import torch")  # And torch still imports afterwards.
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                          timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]

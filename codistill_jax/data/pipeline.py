@@ -53,7 +53,9 @@ class Prefetch:
   teacher source's wrapper of it) on a background thread and hands out
   `to_device(batch)` of each, in order, keeping `depth` ready: the loop's
   thread then only dispatches steps. An error of the iterator is raised by
-  `__next__` where the batch would have been.
+  `__next__` where the batch would have been. `close()` stops and joins the
+  thread: a thread still inside XLA when the interpreter exits aborts the
+  process ("FATAL: exception not rethrown"), so every owner closes it.
   """
 
   _END = object()
@@ -65,21 +67,23 @@ class Prefetch:
     self._queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
 
+    def put(item) -> bool:
+      while not self._stop.is_set():
+        try:
+          self._queue.put(item, timeout=0.1)
+          return True
+        except queue.Full:
+          continue
+      return False
+
     def fill():
       try:
         for batch in batches:
-          item = to_device(batch)
-          while not self._stop.is_set():
-            try:
-              self._queue.put(item, timeout=0.1)
-              break
-            except queue.Full:
-              continue
-          if self._stop.is_set():
+          if self._stop.is_set() or not put(to_device(batch)):
             return
-        self._queue.put(self._END)
+        put(self._END)
       except BaseException as e:  # pylint: disable=broad-except
-        self._queue.put(e)
+        put(e)
 
     self._thread = threading.Thread(target=fill, daemon=True,
                                     name="prefetch")
@@ -96,8 +100,10 @@ class Prefetch:
       raise item
     return item
 
-  def close(self) -> None:
+  def close(self, timeout_s: float = 60.0) -> None:
+    """Stops the thread after the batch it is making, and waits for it."""
     self._stop.set()
+    self._thread.join(timeout_s)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,153 @@
+r"""The README's pod table: real-size LMs compiled for TPU slices, G = 1, 2, 4.
+
+For each config, topology and G, `codistill_jax.compile_check` compiles one
+group's train step for the slice (not attached; needs the `tpu` extra) in a
+subprocess of its own (libtpu can abort a process), and the table shows
+whether it fits the chip's HBM, its per-chip memory, the TPU compiler's
+estimated step time and MFU, and the G-way step over the 1-group one against
+the floor 1 + (G - 1) * forward/step (forward/step = 1/3 by the model's count:
+a teacher forward per peer on top of a 3-forward update).
+
+The configs scan their layers, and the compiler counts a scanned loop's
+body once; so the memory comes from the real (scanned) compile, and the step
+time from two more compiles with the layers unrolled at 1 and 2 layers:
+t(L) = t(1) + (L - 1) * (t(2) - t(1)), FLOPs likewise (`--no_extrapolate`
+compiles the whole unrolled model instead: slow at 8B).
+
+  pip install -e '.[tpu]'
+  python experiments/tpu_table.py [--configs=lm_125m,lm_1b,lm_8b] \
+      [--topologies=v5e:16x16,v5p:4x4x8,v6e:16x16] [--groups=1,2,4] \
+      [--out=experiments/results/tpu_table.json]
+
+Writes the JSON rows and prints the Markdown table (also written next to the
+JSON as .md).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+
+_CONFIGS = flags.DEFINE_list("configs", ["lm_125m", "lm_1b", "lm_8b"],
+                             "Configs under configs/.")
+_TOPOLOGIES = flags.DEFINE_list(
+    "topologies", ["v5e:16x16", "v5p:4x4x8", "v6e:16x16"], "TPU slices.")
+_GROUPS = flags.DEFINE_list("groups", ["1", "2", "4"], "Group counts.")
+_EXTRAPOLATE = flags.DEFINE_bool(
+    "extrapolate", True, "Step time from unrolled 1- and 2-layer compiles.")
+_OUT = flags.DEFINE_string(
+    "out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                        "tpu_table.json"), "Where the rows go.")
+_TIMEOUT = flags.DEFINE_integer("timeout_s", 1800, "Per compile.")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def compile_report(config: str, topology: str, groups: int,
+                   *overrides: str) -> dict:
+  """compile_check's JSON report, or {'error': the error line}."""
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "report.json")
+    result = subprocess.run(
+        [sys.executable, "-m", "codistill_jax.compile_check",
+         f"--config=configs/{config}.py:groups={groups}",
+         f"--topology={topology}", f"--json_out={out}",
+         *[f"--config.{o}" for o in overrides]],
+        cwd=ROOT, capture_output=True, text=True, timeout=_TIMEOUT.value,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if result.returncode or not os.path.exists(out):
+      lines = [l for l in result.stderr.splitlines() if l.strip()]
+      errors = [l for l in lines if l.startswith("error:")]
+      return {"error": (errors or lines or ["exit %d" % result.returncode])[-1]}
+    with open(out) as f:
+      return json.load(f)
+
+
+def layers_of(config: str) -> int:
+  sys.path.insert(0, ROOT)
+  from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.load(config_lib.config_path(config)).model.num_layers
+
+
+def step_time(config: str, topology: str, groups: int) -> tuple[float, float]:
+  """(seconds, model FLOPs per device) of the whole unrolled step."""
+  if not _EXTRAPOLATE.value:
+    r = compile_report(config, topology, groups, "model.scan_layers=False")
+    return r.get("step_s") or 0.0, r.get("model_flops") or 0.0
+  n = layers_of(config)
+  one, two = (compile_report(config, topology, groups,
+                             "model.scan_layers=False",
+                             f"model.num_layers={k}") for k in (1, 2))
+  if "error" in one or "error" in two:
+    return 0.0, 0.0
+  per_layer = two["step_s"] - one["step_s"]
+  flops = one["model_flops"] + (n - 1) * (two["model_flops"] -
+                                          one["model_flops"])
+  return one["step_s"] + (n - 1) * per_layer, flops
+
+
+def main(argv):
+  del argv
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import bench_lib  # pylint: disable=g-import-not-at-top
+  rows = []
+  for config in _CONFIGS.value:
+    for topology in _TOPOLOGIES.value:
+      base = None
+      for groups in map(int, _GROUPS.value):
+        row = {"config": config, "topology": topology, "groups": groups,
+               **compile_report(config, topology, groups)}
+        if "error" not in row:
+          step_s, flops = step_time(config, topology, groups)
+          row["step_s_whole"] = step_s
+          row["mfu_whole"] = (flops / (step_s * row["peak_flops"])
+                              if step_s and row["peak_flops"] else None)
+          if groups == 1:
+            base = step_s
+          if base and step_s:
+            row["over_one_group"] = step_s / base
+            row["floor"] = 1 + (groups - 1) / 3
+        rows.append(row)
+        print(_line(row), flush=True)
+  bench_lib.write_json(_OUT.value, {"rows": rows})
+  table = markdown(rows)
+  with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
+    f.write(table + "\n")
+  print(table)
+
+
+def _line(row: dict) -> str:
+  if "error" in row:
+    return f"{row['config']} {row['topology']} G={row['groups']}: {row['error']}"
+  return (f"{row['config']} {row['topology']} G={row['groups']}: "
+          f"{row['total_bytes'] / 2**30:.1f} GiB/chip, fits {row['fits']}, "
+          f"step {1e3 * row.get('step_s_whole', 0):.1f} ms, MFU "
+          f"{100 * (row.get('mfu_whole') or 0):.1f}%")
+
+
+def markdown(rows: list[dict]) -> str:
+  out = ["| config | slice | G | chips/group | fits HBM | GiB/chip | "
+         "est. step (ms) | est. MFU | G-way / 1-group (floor) |",
+         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    if "error" in r:
+      out.append(f"| {r['config']} | {r['topology']} | {r['groups']} | | "
+                 f"{r['error'][:60]} | | | | |")
+      continue
+    ratio = (f"{r['over_one_group']:.2f} ({r['floor']:.2f})"
+             if r.get("over_one_group") else "")
+    out.append(
+        f"| {r['config']} | {r['topology']} | {r['groups']} | "
+        f"{r['devices_per_group']} | {'yes' if r['fits'] else 'no'} | "
+        f"{r['total_bytes'] / 2**30:.1f} | "
+        f"{1e3 * r.get('step_s_whole', 0):.1f} | "
+        f"{100 * (r.get('mfu_whole') or 0):.0f}% | {ratio} |")
+  return "\n".join(out)
+
+
+if __name__ == "__main__":
+  app.run(main)
