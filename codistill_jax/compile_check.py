@@ -189,7 +189,7 @@ def check(config, devices=None, storage_bandwidth: float = 1e9) -> Report:
   # The slice is carved (and checked) before anything compiles: libtpu
   # aborts the whole process on some device sets.
   group_devices = mesh_lib.slice_groups(groups, devices)[-1]
-  mesh = mesh_lib.make_mesh(group_devices)
+  mesh = mesh_lib.make_mesh(group_devices, config.sharding.model_axis)
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=groups, process_index=0, process_count=1)
   setup = build.build(config, datasets, mesh)

@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 256  # Global eval batch; the last one is padded.
   c.data.split_seed = 0  # Fixed seed of the train/validation/test split.
   c.data.partition = "disjoint"  # 'disjoint' shards per group, or 'shared'.
+  # Batches made and put on the devices ahead of the step, on a thread
+  # (data/pipeline.Prefetch); 0 makes each in the loop, between steps.
+  c.data.prefetch = 2
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # One of optim.OPTIMIZERS.
@@ -73,6 +76,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (regex over 'params/...' paths, 'replicate' | 'fsdp'); first match wins.
   c.sharding.rules = (("params/.*", "replicate"),)
   c.sharding.fsdp_min_size = 2**14  # Smaller parameters stay replicated.
+  # Devices of each group's 'model' axis (tensor parallelism): a group's
+  # mesh is ('data', 'model') = (devices / model_axis, model_axis), and
+  # rules may name 'model' for a dimension (e.g. attention heads); 1 keeps a
+  # 1-D 'data' mesh.
+  c.sharding.model_axis = 1
 
   # Codistillation (Anil et al. 2018): G copies exchange stale params.
   c.codistill = ml_collections.ConfigDict()
@@ -170,6 +178,7 @@ RANGES = {
     "seed": "[0, 2**63)",
     "data.batch_size": "> 0",
     "data.eval_batch_size": "> 0",
+    "data.prefetch": ">= 0",
     "data.split_seed": "[0, 2**63)",
     "optimizer.learning_rate": "> 0",
     "optimizer.warmup_steps": ">= 0",
@@ -188,6 +197,7 @@ RANGES = {
     "checkpoint_every": "> 0",
     "keep_checkpoints": ">= 3",
     "sharding.fsdp_min_size": ">= 0",
+    "sharding.model_axis": "> 0",
     "codistill.num_groups": "> 0",
     "codistill.exchange_every": "> 0",
     "codistill.max_staleness": ">= 0",

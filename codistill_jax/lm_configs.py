@@ -59,9 +59,19 @@ def get_config(size: str, arg=None):
   c.data.batch_size = BATCH[size]
   c.data.eval_batch_size = 512  # Divisible by up to 512 devices per group.
 
-  # ZeRO-3 style: every matrix (and its Adam moments) split over the group's
-  # devices; the embedding along its width, so a token lookup stays local.
-  c.sharding.rules = ((".*embed/embedding", (None, "data")), (".*", "fsdp"))
+  # FSDP over 'data' for every matrix and its Adam moments (the embedding
+  # along its width, so a token lookup stays local); with
+  # sharding.model_axis > 1 also Megatron-style tensor parallelism over
+  # 'model': attention heads, the MLP's hidden units and the vocabulary of
+  # the output layer. (Leading scanned-layers axes are left whole.)
+  c.sharding.rules = (
+      (".*embed/embedding", (None, "data")),
+      (".*attn/(query|key|value)/kernel", ("data", "model", None)),
+      (".*attn/out/kernel", ("model", None, "data")),
+      (".*mlp/(gate|up)/kernel", ("data", "model")),
+      (".*mlp/down/kernel", ("model", "data")),
+      (".*head/kernel", ("data", "model")),
+      (".*", "fsdp"))
   c.sharding.fsdp_min_size = 2**16
 
   c.optimizer.name = "adamw"

@@ -1,12 +1,16 @@
 """Device meshes, one sub-mesh per group, and sharding rules from config.
 
-Every group is an ordinary data-parallel job on its own 1-D mesh with axis
-'data': the batch is split over it, and parameters are replicated or, for the
-rules that say 'fsdp', split along their largest divisible dimension (ZeRO-3
-style; XLA inserts the all-gathers). Models name no axes: the rules, a list of
-(regex over the parameter path, strategy) pairs in `config.sharding.rules`, are
-data in the config. The first matching rule wins; unmatched parameters are
-replicated.
+Every group is an ordinary data-parallel job on its own mesh: 1-D with axis
+'data', or with `config.sharding.model_axis` = m > 1 a 2-D ('data', 'model')
+mesh of (devices / m, m). The batch is split over 'data' (and replicated over
+'model'). Parameters are replicated, or, for the rules that say 'fsdp', split
+along their largest divisible dimension over 'data' (ZeRO-3 style; XLA
+inserts the all-gathers), or laid out by a spec that names an axis per
+dimension: 'data' (FSDP) or 'model' (tensor parallelism, e.g. attention
+heads and the MLP's hidden units). Models name no axes: the rules, a list of
+(regex over the parameter path, strategy) pairs in `config.sharding.rules`,
+are data in the config. The first matching rule wins; unmatched parameters
+are replicated.
 """
 
 import re
@@ -19,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from codistill_jax.errors import ConfigError
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 STRATEGIES = ("replicate", "fsdp")
 
 
@@ -122,9 +127,15 @@ def _carves(devices: Sequence[Any], num_groups: int) -> bool:
   return True
 
 
-def make_mesh(devices: Sequence[Any]) -> Mesh:
-  """A 1-D mesh over `devices` with the 'data' axis (automatic sharding)."""
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+def make_mesh(devices: Sequence[Any], model_axis: int = 1) -> Mesh:
+  """A group's mesh (automatic sharding): 1-D 'data' when `model_axis` is 1,
+  else ('data', 'model') of (len(devices) / model_axis, model_axis), the
+  'model' axis over neighbouring devices (one host's, where it fits)."""
+  if model_axis == 1:
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+  return Mesh(np.asarray(devices).reshape(-1, model_axis),
+              (DATA_AXIS, MODEL_AXIS))
+
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -156,31 +167,39 @@ def check_config(config, num_devices: int | None = None,
         f"--xla_force_host_platform_device_count={groups}) or run one process "
         "per group (experiments/launch_local.py)")
   per_group = num_devices // groups
+  model = config.sharding.model_axis
+  if per_group % model:
+    raise ConfigError(
+        f"config.sharding.model_axis={model} does not divide the {per_group} "
+        f"devices of a group; use one of "
+        f"{[m for m in range(1, per_group + 1) if per_group % m == 0]}")
+  data = per_group // model  # The batch is split over 'data' only.
   for name in ("batch_size", "eval_batch_size"):
     value = config.data[name]
-    if value % per_group:
+    if value % data:
       raise ConfigError(
-          f"config.data.{name}={value} is not divisible by the {per_group} "
-          f"devices of a group; use a multiple of {per_group}")
+          f"config.data.{name}={value} is not divisible by the {data} "
+          f"devices of a group's 'data' axis; use a multiple of {data}")
   k = config.microbatches
-  if config.data.batch_size % (k * per_group):
+  if config.data.batch_size % (k * data):
     raise ConfigError(
         f"config.microbatches={k} pieces of config.data.batch_size="
-        f"{config.data.batch_size} do not split evenly over the {per_group} "
-        f"devices of a group; use a batch that is a multiple of "
-        f"{k * per_group}, or fewer microbatches")
+        f"{config.data.batch_size} do not split evenly over the {data} "
+        f"devices of a group's 'data' axis; use a batch that is a multiple "
+        f"of {k * data}, or fewer microbatches")
 
 
 def check_rules(rules) -> None:
   for i, rule in enumerate(rules):
     ok = len(rule) == 2 and (rule[1] in STRATEGIES or (
         isinstance(rule[1], (tuple, list)) and
-        all(a in (None, DATA_AXIS) for a in rule[1])))
+        all(a in (None, DATA_AXIS, MODEL_AXIS) for a in rule[1])))
     if not ok:
       raise ConfigError(
           f"config.sharding.rules[{i}]={rule!r} must be (regex, strategy) with "
-          f"strategy one of {STRATEGIES} or a spec, one of None or "
-          f"{DATA_AXIS!r} per dimension, e.g. (None, {DATA_AXIS!r})")
+          f"strategy one of {STRATEGIES} or a spec, one of None, "
+          f"{DATA_AXIS!r} or {MODEL_AXIS!r} per dimension, e.g. "
+          f"({DATA_AXIS!r}, {MODEL_AXIS!r})")
     try:
       re.compile(rule[0])
     except re.error as e:
@@ -195,14 +214,15 @@ def path_str(path) -> str:
       k, "idx", k)))) for k in path)
 
 
-def spec_for(name: str, shape: tuple[int, ...], rules, axis_size: int,
+def spec_for(name: str, shape: tuple[int, ...], rules, axes: dict[str, int],
              min_size: int) -> P:
-  """The PartitionSpec of one parameter under `rules`.
+  """The PartitionSpec of one parameter under `rules` on a mesh of `axes`.
 
-  'replicate'; 'fsdp': the largest dimension the axis divides is split; a
-  spec (None or 'data' per dimension, the last dimensions when the leaf has
-  more, e.g. a scanned layers axis first): those dimensions, each only if
-  the axis divides it.
+  'replicate'; 'fsdp': the largest dimension 'data' divides is split over
+  it; a spec (None, 'data' or 'model' per dimension; its last dimensions
+  when the leaf has more, e.g. a scanned layers axis first): 'data' splits
+  its dimension where the axis divides it, 'model' must divide it (a
+  ConfigError otherwise) and means nothing on a mesh without a 'model' axis.
   """
   strategy = next((s for r, s in rules if re.fullmatch(r, name)), "replicate")
   if strategy == "replicate" or int(np.prod(shape)) < min_size:
@@ -212,11 +232,20 @@ def spec_for(name: str, shape: tuple[int, ...], rules, axis_size: int,
     if len(spec) != len(shape):
       raise ConfigError(f"config.sharding.rules: spec {tuple(strategy)} for "
                         f"{name} has more dimensions than its shape {shape}")
-    return P(*[a if a and shape[d] % axis_size == 0 else None
-               for d, a in enumerate(spec)])
+    out = []
+    for d, a in enumerate(spec):
+      if a == MODEL_AXIS and axes.get(MODEL_AXIS, 1) > 1 and (
+          shape[d] % axes[MODEL_AXIS]):
+        raise ConfigError(
+            f"config.sharding.model_axis={axes[MODEL_AXIS]} does not divide "
+            f"dimension {d} ({shape[d]}) of {name} (shape {shape}), which "
+            "config.sharding.rules split over 'model'; use a model axis "
+            f"that divides {shape[d]} (e.g. the head count)")
+      out.append(a if a in axes and shape[d] % axes[a] == 0 else None)
+    return P(*out)
   # fsdp: split the largest dimension that the axis divides.
   for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-    if shape[dim] % axis_size == 0:
+    if shape[dim] % axes[DATA_AXIS] == 0:
       spec = [None] * len(shape)
       spec[dim] = DATA_AXIS
       return P(*spec)
@@ -229,11 +258,11 @@ def tree_shardings(mesh: Mesh, abstract_tree, rules, min_size: int = 0):
   Optimizer moments follow the rule of their parameter because they share its
   path suffix (opt_state/.../mu/params/Dense_0/kernel matches '.*kernel').
   """
-  size = mesh.shape[DATA_AXIS]
+  axes = dict(mesh.shape)
 
   def one(path, leaf):
     return NamedSharding(mesh, spec_for(path_str(path), tuple(leaf.shape),
-                                        rules, size, min_size))
+                                        rules, axes, min_size))
 
   return jax.tree_util.tree_map_with_path(one, abstract_tree)
 

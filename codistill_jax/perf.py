@@ -7,9 +7,11 @@ cached for a CPU); `mfu` divides. The trainer's progress line, compile_check
 and the benchmarks all use these, so the figures are comparable.
 """
 
+import contextlib
 import functools
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -172,3 +174,20 @@ class Trace:
       self.on = False
       logging.info("profile of steps %d..%d in %s (tensorboard --logdir %s)",
                    *self.steps, self.path, self.path)
+
+
+@contextlib.contextmanager
+def prompt_threads(interval_s: float = 2e-4):
+  """Python's thread switch interval lowered to `interval_s` inside.
+
+  The loop's thread waits for the GIL whenever a helper thread (the input
+  prefetch, the exchange) runs Python; CPython makes it wait up to the switch
+  interval, 5 ms by default, longer than a small model's whole step. The
+  interval is restored on the way out.
+  """
+  old = sys.getswitchinterval()
+  sys.setswitchinterval(min(old, interval_s))
+  try:
+    yield
+  finally:
+    sys.setswitchinterval(old)

@@ -152,7 +152,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --------------------------------------------------------------------------
   run: list[Group] = []
   for g in owned:
-    mesh = mesh_lib.make_mesh(devices[g])
+    mesh = mesh_lib.make_mesh(devices[g], config.sharding.model_axis)
     proc, nproc = _process_slot(procs_of[g])
     datasets = data_module.get_datasets(
         config, group=g, num_groups=num_groups, process_index=proc,
@@ -277,13 +277,14 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
     # while the current step runs.
     grp.batches = pipeline.Prefetch(
         grp.source.wrap(iter(grp.datasets.train(steps[grp.index]))),
-        functools.partial(mesh_lib.shard_batch, sharding=grp.batch_sharding))
+        functools.partial(mesh_lib.shard_batch, sharding=grp.batch_sharding),
+        depth=config.data.prefetch)
   first = min(steps.values())
   t0, s0 = time.time(), first
   final: dict = {}
 
   profile = perf.Trace(profile_steps, paths.profile_dir(workdir))
-  with storage_lib.Preemption() as preemption, profile:
+  with storage_lib.Preemption() as preemption, profile, perf.prompt_threads():
     for step in range(first, total):
       profile.at(step)
       for grp in run:

@@ -13,7 +13,8 @@ off, so only the loop differs), alternately for `--rounds`:
            process.
 
   python experiments/bench_loop.py [--config=experiments/bench_models/fashion_mlp.py] \
-      [--steps=1500] [--rounds=3] [--out=experiments/results/bench_loop.json]
+      [--steps=1500] [--rounds=3] [--trainer_overrides=data.prefetch=0] \
+      [--out=experiments/results/bench_loop.json]
 
 Prints the trainer / plain ratio per round and its median, and writes them.
 """
@@ -38,6 +39,9 @@ _GROUPS = flags.DEFINE_list("groups", ["1", "2"], "Group counts.")
 _OUT = flags.DEFINE_string(
     "out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                         "bench_loop.json"), "Where the numbers go.")
+_EXTRA = flags.DEFINE_list(
+    "trainer_overrides", [], "More config overrides of the trainer's runs "
+    "(a.b=v), e.g. data.prefetch=0 to make batches in the loop's thread.")
 _PLAIN = flags.DEFINE_integer("plain_child", 0, "Internal: run the plain "
                               "loop for this many groups and print steps/s.")
 
@@ -65,7 +69,7 @@ def trainer_rate(groups: int, steps: int) -> float:
     subprocess.run(
         [sys.executable, "-m", "codistill_jax.main", f"--config={_CONFIG.value}",
          f"--workdir={workdir}",
-         *[f"--config.{o}" for o in _overrides(groups, steps)]],
+         *[f"--config.{o}" for o in _overrides(groups, steps) + _EXTRA.value]],
         cwd=ROOT, env=_env(groups), check=True, capture_output=True)
     rows = [json.loads(l) for l in open(os.path.join(
         workdir, "group_0", "metrics.jsonl")) if '"steps_per_sec"' in l]
@@ -131,7 +135,8 @@ def main(argv):
     return
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_lib  # pylint: disable=g-import-not-at-top
-  results = {"config": _CONFIG.value, "steps": _STEPS.value, "runs": []}
+  results = {"config": _CONFIG.value, "steps": _STEPS.value,
+             "trainer_overrides": _EXTRA.value, "runs": []}
   for groups in map(int, _GROUPS.value):
     ratios = []
     for r in range(_ROUNDS.value):

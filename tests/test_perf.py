@@ -51,13 +51,14 @@ def test_mfu():
   assert perf.mfu(0.0, 10.0, 2, 1e10) == 0.0  # Unknown FLOPs: no MFU.
 
 
-def test_prefetch_keeps_order_and_raises_where_the_batch_was():
+@pytest.mark.parametrize("depth", [0, 2])  # 0: made in the loop's thread.
+def test_prefetch_keeps_order_and_raises_where_the_batch_was(depth):
   def batches():
     for i in range(5):
       yield {"x": np.full((2,), i)}
     raise ValueError("bad record 5")
 
-  feed = pipeline.Prefetch(batches(), lambda b: b["x"] * 10, depth=2)
+  feed = pipeline.Prefetch(batches(), lambda b: b["x"] * 10, depth=depth)
   assert [int(next(feed)[0]) for _ in range(5)] == [0, 10, 20, 30, 40]
   with pytest.raises(ValueError, match="bad record 5"):
     next(feed)
@@ -111,3 +112,11 @@ def test_a_profile_past_the_last_step_is_a_config_error(tmp_path):
     train.train_and_evaluate(config, str(tmp_path),
                              profile_steps=(1, config.total_steps + 1))
   assert not os.listdir(tmp_path)  # Nothing written.
+
+
+def test_the_loop_lowers_the_thread_switch_interval_and_restores_it():
+  import sys  # pylint: disable=g-import-not-at-top
+  before = sys.getswitchinterval()
+  with perf.prompt_threads(1e-4):
+    assert sys.getswitchinterval() == pytest.approx(1e-4)
+  assert sys.getswitchinterval() == before

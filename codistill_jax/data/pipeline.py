@@ -62,8 +62,13 @@ class Prefetch:
 
   def __init__(self, batches: Iterator[dict], to_device: Callable[[dict], Any],
                depth: int = 2):
+    """depth: batches kept ready; 0 makes each one in `__next__` (no thread)."""
     import queue  # pylint: disable=g-import-not-at-top
     import threading  # pylint: disable=g-import-not-at-top
+    self._inline = None
+    if not depth:
+      self._inline = map(to_device, batches)
+      return
     self._queue = queue.Queue(maxsize=depth)
     self._stop = threading.Event()
 
@@ -93,6 +98,8 @@ class Prefetch:
     return self
 
   def __next__(self):
+    if self._inline is not None:
+      return next(self._inline)
     item = self._queue.get()
     if item is self._END:
       raise StopIteration
@@ -102,6 +109,8 @@ class Prefetch:
 
   def close(self, timeout_s: float = 60.0) -> None:
     """Stops the thread after the batch it is making, and waits for it."""
+    if self._inline is not None:
+      return
     self._stop.set()
     self._thread.join(timeout_s)
 
