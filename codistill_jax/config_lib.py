@@ -43,8 +43,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.split_seed = 0  # Fixed seed of the train/validation/test split.
   c.data.partition = "disjoint"  # 'disjoint' shards per group, or 'shared'.
   # Batches made and put on the devices ahead of the step, on a thread
-  # (data/pipeline.Prefetch); 0 makes each in the loop, between steps.
-  c.data.prefetch = 2
+  # (data/pipeline.Prefetch); 0 makes each in the loop, between steps; -1:
+  # 2 unless this process's CPU devices already keep every core busy (then
+  # a thread only competes with the steps).
+  c.data.prefetch = -1
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adamw"  # One of optim.OPTIMIZERS.
@@ -178,7 +180,7 @@ RANGES = {
     "seed": "[0, 2**63)",
     "data.batch_size": "> 0",
     "data.eval_batch_size": "> 0",
-    "data.prefetch": ">= 0",
+    "data.prefetch": ">= -1",
     "data.split_seed": "[0, 2**63)",
     "optimizer.learning_rate": "> 0",
     "optimizer.warmup_steps": ">= 0",

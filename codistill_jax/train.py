@@ -278,7 +278,9 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
     grp.batches = pipeline.Prefetch(
         grp.source.wrap(iter(grp.datasets.train(steps[grp.index]))),
         functools.partial(mesh_lib.shard_batch, sharding=grp.batch_sharding),
-        depth=config.data.prefetch)
+        depth=pipeline.prefetch_depth(config.data.prefetch,
+                                      [d for grp in run for d in
+                                       grp.batch_sharding.mesh.local_devices]))
   first = min(steps.values())
   t0, s0 = time.time(), first
   final: dict = {}

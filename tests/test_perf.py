@@ -120,3 +120,14 @@ def test_the_loop_lowers_the_thread_switch_interval_and_restores_it():
   with perf.prompt_threads(1e-4):
     assert sys.getswitchinterval() == pytest.approx(1e-4)
   assert sys.getswitchinterval() == before
+
+
+def test_the_default_prefetch_leaves_busy_cpu_cores_alone():
+  cpu = types.SimpleNamespace(platform="cpu")
+  tpu = types.SimpleNamespace(platform="tpu")
+  cores = os.cpu_count() or 1
+  assert pipeline.prefetch_depth(-1, [cpu] * cores) == 0
+  assert pipeline.prefetch_depth(-1, [tpu] * cores) == 2
+  if cores > 1:
+    assert pipeline.prefetch_depth(-1, [cpu] * (cores - 1)) == 2
+  assert pipeline.prefetch_depth(3, [cpu] * cores) == 3  # Asked for.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -44,6 +45,17 @@ class Datasets:
   def periodic_split(self) -> str:
     """The split evaluated during training (the first one)."""
     return next(iter(self.evals))
+
+
+def prefetch_depth(depth: int, devices: Sequence[Any]) -> int:
+  """`config.data.prefetch`, with -1 resolved for the devices this process
+  drives: 2, or 0 when they are CPU devices at least as many as the host's
+  cores (their steps already use every core: a prefetch thread would only
+  take turns with them; measured in experiments/bench_loop.py)."""
+  if depth >= 0:
+    return depth
+  cpu = [d for d in devices if d.platform == "cpu"]
+  return 0 if cpu and len(cpu) >= (os.cpu_count() or 1) else 2
 
 
 class Prefetch:
