@@ -89,7 +89,12 @@ def test_progress_shows_throughput_and_mfu_and_a_profile_is_written(
                            lock=False)
   config.total_steps, config.log_every, config.eval_every = 6, 2, 6
   config.eval_max_batches = 1
+  # The batches through the prefetch thread (the default leaves 8 fake CPU
+  # devices on a small host without one), which must end with the run.
+  config.data.prefetch = 2
   train.train_and_evaluate(config, str(tmp_path), profile_steps=(2, 4))
+  assert not any(t.name == "prefetch" and t.is_alive()
+                 for t in threading.enumerate())
   lines = [r.getMessage() for r in caplog.records
            if r.getMessage().startswith("step ")]
   assert lines and all("examples/s per group" in l and "MFU" in l

@@ -212,8 +212,11 @@ def test_quick_config_runs_through_the_cli(name, tmp_path, small_data):
 
 @pytest.mark.slow
 def test_cli_sigterm_saves_and_the_rerun_finishes(tmp_path):
+  # With the prefetch thread (8 fake CPU devices get none by default): a
+  # stop must end it before the process exits, or the exit aborts.
   args = (str(tmp_path), "configs/flights.py:quick", "--config.total_steps=400",
-          "--config.log_every=1", "--config.checkpoint_every=1000")
+          "--config.log_every=1", "--config.checkpoint_every=1000",
+          "--config.data.prefetch=2")
   proc = run_cli(*args, wait=False)
   log = tmp_path / "group_0" / "metrics.jsonl"
   deadline = time.time() + 120
