@@ -214,7 +214,7 @@ def check(config, devices=None, storage_bandwidth: float = 1e9) -> Report:
   device = group_devices[0]
   unit, per_step = perf.describe(example)
   params = jax.tree.leaves(setup.abstract.params)
-  n_teachers = sum(int(a.weights.shape[0]) for a in layout.args)
+  n_teachers = layout.num_teachers
   return Report(
       groups=groups, devices_per_group=len(group_devices),
       device_kind=getattr(device, "device_kind", device.platform),

@@ -8,6 +8,7 @@ and the benchmarks all use these, so the figures are comparable.
 """
 
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -130,6 +131,29 @@ def mfu(flops_per_step: float, steps_per_s: float, devices: int,
   if not (flops_per_step and peak_per_device and devices):
     return 0.0
   return flops_per_step * steps_per_s / (devices * peak_per_device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Speed:
+  """What a group's steps/s means: units per step, FLOPs, the devices' peak."""
+  unit: str = "examples"  # Or 'tokens'.
+  per_step: int = 0  # Units one step consumes (the global batch).
+  flops: float = 0.0  # Per step, all devices (0: unknown).
+  devices: int = 1
+  peak: float = 0.0  # Per device (0: unknown).
+
+  def scalars(self, steps_per_s: float) -> dict[str, float]:
+    out = {"steps_per_sec": steps_per_s,
+           f"{self.unit}_per_sec": steps_per_s * self.per_step}
+    if self.flops and self.peak:
+      out["mfu"] = mfu(self.flops, steps_per_s, self.devices, self.peak)
+    return out
+
+  def describe(self, steps_per_s: float) -> str:
+    """'1.2k examples/s per group  MFU 3.1%' (no MFU when unknown)."""
+    u = mfu(self.flops, steps_per_s, self.devices, self.peak)
+    return (f"{si(steps_per_s * self.per_step)} {self.unit}/s per group" +
+            (f"  MFU {100 * u:.3g}%" if u else ""))
 
 
 def si(x: float) -> str:

@@ -66,6 +66,11 @@ class Layout:
   def arg_shardings(self) -> tuple:
     return tuple(jax.tree.map(lambda a: a.sharding, a) for a in self.args)
 
+  @property
+  def num_teachers(self) -> int:
+    """Stacked teacher param sets the step takes (0 for targets in batch)."""
+    return sum(int(a.weights.shape[0]) for a in self.args)
+
 
 class Source:
   """The protocol, with the hooks' do-nothing defaults."""

@@ -61,8 +61,7 @@ class Group:
   batch_sharding: Any
   writer: metrics_lib.MetricWriter | None = None
   batches: Iterator | None = None
-  # (unit, per step, FLOPs per step, devices, peak FLOP/s per device).
-  speed: tuple = ("examples", 0, 0.0, 1, 0.0)
+  speed: perf.Speed = perf.Speed()  # What its steps/s means.
   pending: list = dataclasses.field(default_factory=list)  # Device metrics.
 
 
@@ -180,16 +179,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                               layout.teacher is None)
     train_step = build.jit_train_step(config, setup, term,
                                       layout.arg_shardings)
-    if not run:  # Every group's step has the same shapes: ask XLA once.
+    if not run:  # Every group's step has the same shapes: count once.
       unit, per_step = perf.describe(example)
-      flops = nproc * perf.model_flops(setup.model, example, sum(
-          int(a.weights.shape[0]) for a in layout.args)) or perf.step_flops(
-              train_step, setup.abstract, {
-                  **build.with_shardings(example,
-                                         mesh_lib.batch_sharding(mesh)),
-                  **layout.batch}, *layout.args)
-      speed = (unit, per_step * nproc, flops, len(devices[g]),
-               perf.peak_flops(devices[g][0]))
+      # The model's own count where it has one, else XLA's.
+      flops = nproc * perf.model_flops(setup.model, example,
+                                       layout.num_teachers)
+      if not flops:
+        flops = perf.step_flops(train_step, setup.abstract, {
+            **build.with_shardings(example, mesh_lib.batch_sharding(mesh)),
+            **layout.batch}, *layout.args)
+      speed = perf.Speed(unit, per_step * nproc, flops, len(devices[g]),
+                         perf.peak_flops(devices[g][0]))
     run.append(Group(
         g, datasets, state, sources.make(g, setup, datasets, state.params),
         train_step, build.jit_eval_step(config, setup),
@@ -272,15 +272,15 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
   # The loop. Metrics stay on device until a log step.
   # --------------------------------------------------------------------------
   steps = {grp.index: int(grp.state.step) for grp in run}
+  depth = pipeline.prefetch_depth(config.data.prefetch, [
+      d for grp in run for d in grp.batch_sharding.mesh.local_devices])
   for grp in run:
     # The next batches are made and put on the group's devices on a thread
     # while the current step runs.
     grp.batches = pipeline.Prefetch(
         grp.source.wrap(iter(grp.datasets.train(steps[grp.index]))),
         functools.partial(mesh_lib.shard_batch, sharding=grp.batch_sharding),
-        depth=pipeline.prefetch_depth(config.data.prefetch,
-                                      [d for grp in run for d in
-                                       grp.batch_sharding.mesh.local_devices]))
+        depth=depth)
   first = min(steps.values())
   t0, s0 = time.time(), first
   final: dict = {}
@@ -327,21 +327,14 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
           _check_finite(config, done, stacked, storage.last_saved[grp.index],
                         grp.index)
           scalars = metrics_lib.window_means(stacked)
-          unit, per_step, flops, devices, peak = grp.speed
-          scalars["steps_per_sec"] = rate
-          scalars[f"{unit}_per_sec"] = rate * per_step
-          if flops and peak:
-            scalars["mfu"] = perf.mfu(flops, rate, devices, peak)
+          scalars.update(grp.speed.scalars(rate))
           scalars.update(grp.source.metrics(done))
           grp.writer.write(done, scalars)
           losses_str.append(f"{scalars['loss']:.4f}")
-        unit, per_step, flops, devices, peak = run[0].speed
         eta = (total - done) / max(rate, 1e-9)
-        mfu = perf.mfu(flops, rate, devices, peak)
-        logging.info("step %d/%d loss %s  %.2f steps/s  %s %s/s per group%s"
-                     "  ETA %s", done, total, " ".join(losses_str), rate,
-                     perf.si(rate * per_step), unit,
-                     f"  MFU {100 * mfu:.3g}%" if mfu else "",
+        logging.info("step %d/%d loss %s  %.2f steps/s  %s  ETA %s", done,
+                     total, " ".join(losses_str), rate,
+                     run[0].speed.describe(rate),
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
 
       if cadence.is_time(done, config.eval_every, total):
