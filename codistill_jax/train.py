@@ -48,6 +48,16 @@ from codistill_jax.errors import ConfigError
 MAX_STEPS_AHEAD = 2
 
 
+@jax.jit
+def _stack(window: list[dict]) -> dict:
+  """A log window's per-step device metrics, stacked in one dispatch.
+
+  (Op by op, jnp.stack of 50 steps x 10 metrics is ~500 dispatches: 5% of
+  the loop's host time for a 2-group MLP in a py-spy profile.)
+  """
+  return jax.tree.map(lambda *x: jnp.stack(x), *window)
+
+
 @dataclasses.dataclass
 class Group:
   """Everything the loop holds for one group this job drives."""
@@ -321,8 +331,7 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
         t0, s0 = now, done
         losses_str = []
         for grp in run:
-          stacked = jax.device_get(
-              jax.tree.map(lambda *x: jnp.stack(x), *grp.pending))
+          stacked = jax.device_get(_stack(grp.pending))
           grp.pending.clear()
           _check_finite(config, done, stacked, storage.last_saved[grp.index],
                         grp.index)
