@@ -16,12 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from codistill_jax import averaging
 from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import distill as distill_lib
 from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics as metrics_lib
 from codistill_jax import models as models_lib
+from codistill_jax import noise_scale
 from codistill_jax import optim
 from codistill_jax import sampling
 from codistill_jax import step as step_lib
@@ -63,6 +65,8 @@ def build(config: ml_collections.ConfigDict, datasets, mesh) -> Setup:
   model = models_lib.build(config.model_name, config.model.to_dict(),
                            datasets.info)
   tx, lr_fn = optim.make_optimizer(config.optimizer, config.total_steps)
+  if averaging.enabled(config):  # The anchor and outer state in opt_state.
+    tx = averaging.with_outer(tx, averaging.make_outer_tx(config.codistill))
   example = example_inputs(next(iter(datasets.train(0))))
   init_fn = functools.partial(step_lib.init_state, model, tx,
                               example_inputs=example)
@@ -219,6 +223,23 @@ def jit_train_step(config, setup: Setup, term=None,
                     *arg_shardings),
       out_shardings=(setup.state_sharding, mesh_lib.replicated(mesh)),
       donate_argnums=(0,))
+
+
+def jit_noise_scale(config, setup: Setup):
+  """`measure(state, batch) -> metrics` of the gradient noise scale on the
+  step's batch and params (`noise_scale.make_noise_scale_fn`), with the
+  step's dropout rng."""
+  loss_fn = step_lib.make_loss_fn(losses.task_loss(config.loss))
+  mesh = setup.mesh
+  pieces = config.noise_scale.pieces or max(mesh.shape["data"], 2)
+  fn = noise_scale.make_noise_scale_fn(setup.model.apply, loss_fn, pieces)
+
+  def measure(state, batch):
+    return fn(state.params, batch, jax.random.fold_in(state.rng, state.step))
+
+  return jax.jit(measure, in_shardings=(setup.state_sharding,
+                                        mesh_lib.batch_sharding(mesh)),
+                 out_shardings=mesh_lib.replicated(mesh))
 
 
 def jit_eval_step(config, setup: Setup, predictions: bool = False):

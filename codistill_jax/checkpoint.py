@@ -29,14 +29,12 @@ from codistill_jax import paths
 from codistill_jax.errors import ConfigError
 from codistill_jax.errors import StorageError
 
-# Fields that may change between a run and its resumption: they change how a
-# run is watched, not what it computes.
 # Fields a run may change when it resumes: how it is watched and saved, and
 # how its state is laid out over the devices (a checkpoint restores onto
 # another mesh shape), but not what it computes.
 RESUMABLE_FIELDS = ("log_every", "eval_every", "eval_max_batches",
                     "checkpoint_every", "keep_checkpoints", "sharding",
-                    "microbatches")
+                    "microbatches", "noise_scale")
 
 
 # How a filesystem refuses a write, as OSError or in tensorstore's messages

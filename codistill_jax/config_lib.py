@@ -65,6 +65,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Gradient accumulation: each group's batch runs as this many pieces one
   # after another (activation memory of one piece; the same update).
   c.microbatches = 1
+  # The gradient noise scale B_simple (McCandlish et al. 2018), the critical
+  # batch size, logged every this many steps (noise_scale.py; one extra
+  # forward and backward each); 0: off.
+  c.noise_scale = ml_collections.ConfigDict()
+  c.noise_scale.every = 0
+  # Pieces the batch is cut into (>= 2, dividing the batch); 0: the group's
+  # data devices (one piece each), at least 2.
+  c.noise_scale.pieces = 0
   c.log_every = 50  # Train metrics to TensorBoard/JSONL and a progress line.
   c.eval_every = 500  # Validation eval; every eval split at the end.
   # Evaluate at most this many batches per split (0: all): for quick looks
@@ -93,6 +101,22 @@ def base_config() -> ml_collections.ConfigDict:
   # served by a pool of Ray workers (EDL-Dist, `pip install -e .[service]`);
   # 'stored', its targets written once by `codistill_jax.store_targets`.
   c.codistill.teacher_source = "peers"
+  # What peers do with each other's params at an exchange ('peers' only):
+  # 'distill', codistillation (a loss towards the mean of their predictions);
+  # 'average', periodic parameter averaging (local SGD / DiLoCo,
+  # averaging.py): every exchange_every steps each group's params become an
+  # outer optimizer's step on the groups' mean delta. Sync, codistillation
+  # and averaging then differ in one field each (num_groups, this).
+  c.codistill.method = "distill"
+  c.codistill.averaging = ml_collections.ConfigDict()
+  # True: every group waits for its peers' params of the same step (DiLoCo);
+  # False: averages with the newest it holds, restored in the background.
+  c.codistill.averaging.synchronous = True
+  # One of averaging.OUTER_OPTIMIZERS: 'nesterov' (DiLoCo's), or 'sgd'
+  # (with learning rate 1: plain averaging).
+  c.codistill.averaging.outer_optimizer = "nesterov"
+  c.codistill.averaging.outer_learning_rate = 0.7
+  c.codistill.averaging.outer_momentum = 0.9  # 'nesterov' only.
   c.codistill.exchange_every = 50  # Steps between publish + reload of peers.
   c.codistill.exchange_dir = ""  # '' = the workdir; NFS or gs:// paths work.
   # How a published step is stored (exchange.FORMATS): 'blob', one object of
@@ -193,6 +217,8 @@ RANGES = {
     "optimizer.decay_factor": "(0, 1]",
     "total_steps": "> 0",
     "microbatches": "> 0",
+    "noise_scale.every": ">= 0",
+    "noise_scale.pieces": ">= 0",
     "log_every": "> 0",
     "eval_every": "> 0",
     "eval_max_batches": ">= 0",
@@ -204,6 +230,8 @@ RANGES = {
     "codistill.exchange_every": "> 0",
     "codistill.max_staleness": ">= 0",
     "codistill.peer_timeout_s": "> 0",
+    "codistill.averaging.outer_learning_rate": "> 0",
+    "codistill.averaging.outer_momentum": "[0, 1)",
     "codistill.burn_in_steps": ">= 0",
     "codistill.alpha": ">= 0",
     "codistill.alpha_ramp_steps": ">= 0",

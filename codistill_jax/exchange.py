@@ -516,6 +516,14 @@ class PeerReader:
     if block and self._future is not None:
       self._future.result()
 
+  def restore_at(self, step: int) -> None:
+    """Restores every peer's params of `step` itself, in this thread (a peer
+    that has not committed it keeps what it held: see `held_steps`)."""
+    if self._future is not None:
+      self._future.result()
+    for slot in self.slots:
+      self._restore_one(slot, only_step=step)
+
   # -- What the train step consumes. ---------------------------------------
   def teachers(self) -> step_lib.Teachers:
     """Stacked params of the peers held now; weight 0 where none yet."""

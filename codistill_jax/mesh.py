@@ -187,6 +187,14 @@ def check_config(config, num_devices: int | None = None,
         f"{config.data.batch_size} do not split evenly over the {data} "
         f"devices of a group's 'data' axis; use a batch that is a multiple "
         f"of {k * data}, or fewer microbatches")
+  ns = config.noise_scale
+  pieces = ns.pieces or max(data, 2)
+  if ns.every and (pieces < 2 or config.data.batch_size % pieces):
+    raise ConfigError(
+        f"config.noise_scale.pieces={ns.pieces}: the noise scale cuts "
+        f"config.data.batch_size={config.data.batch_size} into {pieces} "
+        "pieces, which must be at least 2 and divide the batch; pick such a "
+        "count (0: the group's data devices)")
 
 
 def check_rules(rules) -> None:

@@ -17,9 +17,14 @@ holds one source per group and calls each hook once per phase:
   metrics(step)   scalars for the log at a log step.
   close()
 
+  update(step, state)   after every group refreshed: the group's new state
+                  (parameter averaging sets the averaged params).
+
   NoTeachers      plain training (one group, or nothing to distil from).
   Peers           codistillation: the other groups' newest committed params
                   on shared storage (Anil et al. 2018).
+  Averaging       no teachers: the same exchange feeds periodic parameter
+                  averaging (local SGD / DiLoCo; `codistill.method='average'`).
   FromCheckpoint  two-phase distillation from a trained teacher of any
                   architecture, in this process.
   FromService     the same teacher served by a pool of Ray workers
@@ -40,7 +45,9 @@ from typing import Any, Iterator
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from codistill_jax import averaging
 from codistill_jax import build
 from codistill_jax import cadence
 from codistill_jax import checkpoint as ckpt_lib
@@ -75,6 +82,9 @@ class Layout:
 class Source:
   """The protocol, with the hooks' do-nothing defaults."""
 
+  # Whether every group starts from the same params (group 0's seed).
+  shared_init = False
+
   @classmethod
   def layout(cls, config, setup: build.Setup, batch: dict) -> Layout:
     del config, setup, batch
@@ -92,6 +102,10 @@ class Source:
 
   def refresh(self, step: int) -> None:
     del step
+
+  def update(self, step: int, state: Any) -> Any:
+    del step
+    return state
 
   def metrics(self, step: int) -> dict[str, float]:
     del step
@@ -121,7 +135,7 @@ class Peers(Source):
   """
 
   def __init__(self, config, *, group: int, setup: build.Setup, storage,
-               total_steps: int, params: Any):
+               total_steps: int, params: Any, dtype: Any = None):
     cd = config.codistill
     self.group, self.storage, self.total = group, storage, total_steps
     self.every, self.blocking = cd.exchange_every, cd.exchange_blocking
@@ -131,7 +145,8 @@ class Peers(Source):
     self.waited_s = 0.0  # Time spent waiting for peers (max_staleness).
     peers = [h for h in range(cd.num_groups) if h != group]
     self.reader = exchange.PeerReader(storage.run_dir, peers,
-                                      setup.abstract.params, cd.teacher_dtype,
+                                      setup.abstract.params,
+                                      dtype or cd.teacher_dtype,
                                       run=storage.run)
     # A resumed group picks up what its peers published; with the blocking
     # exchange before its first step, so that a resumed run is exact.
@@ -249,6 +264,87 @@ class Peers(Source):
 
   def close(self):
     self.reader.close()
+
+
+class Averaging(Peers):
+  """Periodic parameter averaging (local SGD / DiLoCo) on the same exchange.
+
+  Every `exchange_every` steps (H) the group publishes its params, reads its
+  peers' (synchronous: their params of this very step, waiting for them up
+  to `peer_timeout_s`; else the newest it holds, restored in the
+  background), and takes an outer optimizer step on the mean delta
+  (`averaging.make_outer_step`). The train step distils nothing; the anchor
+  and the outer state live in the train state's `opt_state`.
+  """
+
+  shared_init = True
+
+  def __init__(self, config, *, group, setup, storage, total_steps, params):
+    super().__init__(config, group=group, setup=setup, storage=storage,
+                     total_steps=total_steps, params=params,
+                     dtype=jnp.float32)
+    self.synchronous = config.codistill.averaging.synchronous
+    if self.synchronous:  # Wait until every peer has published this step.
+      self.max_staleness = self.every - 1
+    outer = averaging.make_outer_tx(config.codistill)
+    repl = mesh_lib.replicated(setup.mesh)
+    self._outer = jax.jit(averaging.make_outer_step(outer),
+                          in_shardings=(setup.state_sharding,
+                                        self.reader.sharding),
+                          out_shardings=setup.state_sharding,
+                          donate_argnums=(0,))
+    self._drift = jax.jit(averaging.drift, out_shardings=repl)
+    self._drifts: list = []
+    self.averaged_with = 0.0  # Peers in the newest average.
+
+  @classmethod
+  def layout(cls, config, setup, batch):
+    del config, setup, batch
+    return Layout()
+
+  def step_args(self, step):
+    del step
+    if self._wall0 is None:
+      self._wall0 = time.time()
+    return ()
+
+  def share(self, step, params):
+    if cadence.is_time(step, self.every):
+      self._timed(self.storage.publish, self.group, step, params,
+                  final=step == self.total, blocking=self.synchronous)
+
+  def refresh(self, step):
+    if not cadence.is_time(step, self.every):
+      return
+    if self.synchronous:
+      self._timed(self._wait_for_peers, step)
+      self._timed(self.reader.restore_at, step)
+    else:
+      self._timed(self.reader.refresh, block=False)
+
+  def update(self, step, state):
+    if not cadence.is_time(step, self.every):
+      return state
+    peers = self.reader.teachers()
+    if self.synchronous:  # Only peers of this step (not ones given up).
+      held = self.reader.held_steps()
+      peers = peers.replace(weights=jnp.asarray(
+          [held[s.group] == step for s in self.reader.slots], jnp.float32))
+    self._drifts.append(self._drift(state, peers))
+    self.averaged_with = float(sum(
+        h is not None and (not self.synchronous or h == step)
+        for h in self.reader.held_steps().values()))
+    return self._timed(self._outer, state, peers)
+
+  def metrics(self, step):
+    """The exchange's (see Peers) and, per average in the window, the RMS
+    distance of the peers' params from the group's before it."""
+    out = super().metrics(step)
+    if self._drifts:
+      out["averaging/drift"] = float(np.mean(jax.device_get(self._drifts)))
+      self._drifts.clear()
+    out["averaging/peers"] = self.averaged_with
+    return out
 
 
 def stacked_layout(abstract_params, n: int, dtype) -> step_lib.Teachers:
@@ -395,6 +491,7 @@ class FromStore(Source):
 
 SOURCES = {"peers": Peers, "checkpoint": FromCheckpoint,
            "service": FromService, "stored": FromStore}
+METHODS = ("distill", "average")  # config.codistill.method.
 
 
 def source_class(config) -> type[Source]:
@@ -402,6 +499,8 @@ def source_class(config) -> type[Source]:
   cd = config.codistill
   if cd.teacher_source == "peers" and cd.num_groups == 1:
     return NoTeachers
+  if averaging.enabled(config):
+    return Averaging
   return SOURCES[cd.teacher_source]
 
 
@@ -417,7 +516,7 @@ class Sources:
   @property
   def publishes(self) -> bool:
     """Whether the groups publish params for peers."""
-    return self.cls is Peers
+    return issubclass(self.cls, Peers)
 
   def make(self, group: int, setup: build.Setup, datasets, params: Any):
     """Group `group`'s source, for its initial `params`.
@@ -425,9 +524,9 @@ class Sources:
     Reads only: nothing is written here.
     """
     cls, config = self.cls, self.config
-    if cls is Peers:
-      source = Peers(config, group=group, setup=setup, storage=self.storage,
-                     total_steps=self.total, params=params)
+    if issubclass(cls, Peers):
+      source = cls(config, group=group, setup=setup, storage=self.storage,
+                   total_steps=self.total, params=params)
     elif cls is FromCheckpoint:
       source = FromCheckpoint(config, setup=setup)
     elif cls is FromService:
@@ -454,6 +553,15 @@ def check_config(config) -> None:
   """teacher_source, teacher_dtype and what the chosen source needs."""
   cd = config.codistill
   config_lib.check_choice(config, "codistill.teacher_source", SOURCES)
+  config_lib.check_choice(config, "codistill.method", METHODS)
+  if cd.method == "average":
+    if cd.teacher_source != "peers":
+      raise ConfigError(
+          f"config.codistill.method='average' averages the groups' own "
+          f"params; it needs config.codistill.teacher_source='peers', not "
+          f"{cd.teacher_source!r} (or method='distill' to distil from it)")
+    config_lib.check_choice(config, "codistill.averaging.outer_optimizer",
+                            averaging.OUTER_OPTIMIZERS)
   config_lib.check_choice(config, "codistill.teacher_dtype", TEACHER_DTYPES)
   config_lib.check_choice(config, "codistill.exchange_format",
                           exchange.FORMATS)
@@ -467,7 +575,8 @@ def check_config(config) -> None:
                       f"{cd.exchange_every}: a teacher is that old just "
                       "before each exchange anyway; use at least "
                       f"{cd.exchange_every} (or 0 for no bound)")
-  distils = source_class(config) is not NoTeachers and cd.alpha > 0
+  distils = source_class(config) not in (NoTeachers, Averaging) and (
+      cd.alpha > 0)
   if distils and cd.burn_in_steps >= config.total_steps:
     raise ConfigError(f"config.codistill.burn_in_steps={cd.burn_in_steps} is "
                       f"not shorter than config.total_steps="

@@ -37,6 +37,7 @@ from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics as metrics_lib
+from codistill_jax import noise_scale
 from codistill_jax import paths
 from codistill_jax import perf
 from codistill_jax import storage as storage_lib
@@ -73,6 +74,8 @@ class Group:
   batches: Iterator | None = None
   speed: perf.Speed = perf.Speed()  # What its steps/s means.
   pending: list = dataclasses.field(default_factory=list)  # Device metrics.
+  noise_scale: Callable | None = None  # (state, batch) -> noise metrics.
+  noise: list = dataclasses.field(default_factory=list)  # Its pending ones.
 
 
 def _check_finite(config, step: int, stacked: dict, last_saved: int | None,
@@ -174,9 +177,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info("group %d: resumed from its own checkpoint at step %d",
                    g, start)
     else:
-      # Every group starts from its own seed; retrains differ in config.seed.
-      rng = jax.random.fold_in(jax.random.PRNGKey(config.seed), g)
-      state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(rng)
+      # Every group starts from its own seed (parameter averaging: its
+      # params from group 0's); retrains differ in config.seed.
+      seed = jax.random.PRNGKey(config.seed)
+      init = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)
+      state = init(jax.random.fold_in(seed, g))
+      if sources.cls.shared_init and g:
+        state = state.replace(params=init(jax.random.fold_in(seed, 0)).params)
       if config.init_checkpoint:
         state = state.replace(params=ckpt_lib.restore_params(
             config.init_checkpoint, setup.abstract.params))
@@ -204,7 +211,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         g, datasets, state, sources.make(g, setup, datasets, state.params),
         train_step, build.jit_eval_step(config, setup),
         build.jit_eval_step(config, setup, predictions=True),
-        mesh_lib.batch_sharding(mesh), speed=speed))
+        mesh_lib.batch_sharding(mesh), speed=speed,
+        noise_scale=(build.jit_noise_scale(config, setup)
+                     if config.noise_scale.every else None)))
     n_params = sum(x.size for x in jax.tree.leaves(setup.abstract.params))
     logging.info("group %d: %d devices, %d params, examples %s", g,
                  len(devices[g]), n_params,
@@ -303,6 +312,9 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
         if steps[grp.index] > step:
           continue  # This group resumed from a later checkpoint.
         batch = next(grp.batches)
+        if grp.noise_scale and cadence.is_time(step + 1,
+                                               config.noise_scale.every):
+          grp.noise.append(grp.noise_scale(grp.state, batch))
         grp.state, m = grp.train_step(grp.state, batch,
                                       *grp.source.step_args(step))
         if step == first and grp is run[0]:
@@ -323,6 +335,8 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
         grp.source.share(done, grp.state.params)
       for grp in run:
         grp.source.refresh(done)
+      for grp in run:
+        grp.state = grp.source.update(done, grp.state)
 
       if cadence.is_time(done, config.log_every, total):
         # Rate over the last log window (the first one includes compilation).
@@ -336,6 +350,13 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
           _check_finite(config, done, stacked, storage.last_saved[grp.index],
                         grp.index)
           scalars = metrics_lib.window_means(stacked)
+          if grp.noise:
+            noise = metrics_lib.window_means(
+                jax.device_get(_stack(grp.noise)))
+            grp.noise.clear()
+            scalars.update(noise)
+            scalars.update(noise_scale.summarize(noise,
+                                                 config.data.batch_size))
           scalars.update(grp.speed.scalars(rate))
           scalars.update(grp.source.metrics(done))
           grp.writer.write(done, scalars)
