@@ -47,7 +47,9 @@ class Preset:
   base: dict  # Overrides of every run.
   batches: tuple  # The sync ladder's batch sizes.
   target_key: str  # Validation metric to reach ('validation/loss').
-  target: float  # ... at or below this value.
+  # ... at or below this value; None: the largest of the ladder's best
+  # values (a target every sync batch reaches, late in its run).
+  target: float | None
   seeds: tuple = (0, 1)
   exchange_every: int = 10  # H of codistillation and averaging.
   extra_targets: tuple = ()  # The ladder's gains at these too (report).
@@ -78,7 +80,7 @@ PRESETS = {
               "optimizer.warmup_steps": 20, "noise_scale.every": 10,
               "eval_max_batches": 4, "codistill.burn_in_steps": 40},
         batches=(8, 16, 32, 64), target_key="validation/loss",
-        target=6.0, seeds=(0,), exchange_every=20, unit="tokens", rows=64),
+        target=None, seeds=(0,), exchange_every=20, unit="tokens", rows=64),
     # One large GPU: the same LM study at ~30x the CPU scale (bf16 llama).
     "gpu_lm": Preset(
         config="configs/lm_125m.py",
@@ -178,7 +180,8 @@ def measure(preset: Preset, workdir: str, groups: int) -> dict:
   rows0 = _rows(workdir, 0)
   b_simple = [r["noise_scale/b_simple"] for r in rows0
               if "noise_scale/b_simple" in r]
-  return {"steps_to_target": steps_to(mean, preset.target),
+  return {"steps_to_target": (None if preset.target is None else
+                              steps_to(mean, preset.target)),
           "final": mean[steps[-1]], "curve": mean,
           "b_simple": b_simple, "groups": groups}
 
@@ -248,6 +251,12 @@ def study(preset_name: str, root: str, four: bool, saturation: float,
     log(f"sync B={b}: steps to {preset.target_key} <= {preset.target}: "
         f"{ladder[b]['steps_to_target']}; B_simple (median) "
         f"{np.median(ladder[b]['b_simple']) if ladder[b]['b_simple'] else '-'}")
+  if preset.target is None:
+    target = max(min(r["curve"].values()) for r in ladder.values()) + 1e-6
+    preset = dataclasses.replace(preset, target=float(target))
+    for b, r in ladder.items():
+      r["steps_to_target"] = steps_to(r["curve"], preset.target)
+    log(f"target: {preset.target_key} <= {preset.target:.4f}")
   at_targets = {}
   for t in (preset.target,) + tuple(preset.extra_targets):
     at_targets[t] = {b: steps_to(r["curve"], t) for b, r in ladder.items()}
@@ -417,6 +426,10 @@ def section(out: dict, plot_rel: str) -> str:
         f"{_bytes(r['comm_bytes_per_step'])} |")
   lines += ["", f"![{plot_rel}]({plot_rel})", "", "Verdicts:", ""]
   lines += [f"- {v}" for v in verdicts(out)]
+  # The interpretation, written by hand beside the plots (kept on rerun).
+  notes = os.path.join(HERE, "report", f"regime_notes_{out['preset']}.md")
+  if os.path.exists(notes):
+    lines += ["", open(notes).read().strip()]
   lines += ["", f"<!-- /regime_study:{out['preset']} -->"]
   return "\n".join(lines)
 

@@ -225,6 +225,23 @@ def test_a_codistilled_lm_compiles_for_a_tpu_slice(tmp_path):
 
 @needs_libtpu
 @pytest.mark.slow
+def test_lm_activations_stay_split_over_the_batch_on_a_tpu_slice(tmp_path):
+  """The LM rules must not let XLA gather the batch on every chip: at a 32k
+  vocabulary the whole batch's logits (64 x 128 x 32000 f32 = 1.05 GB) were
+  a chip's temporaries while the embedding and output layer were split along
+  their width; split along the vocabulary a chip holds its 4 rows' share."""
+  out = tmp_path / "report.json"
+  result = run_check("--config=configs/lm_125m.py:quick",
+                     "--topology=v5e:4x4", "--config.data.vocab_size=32000",
+                     "--config.data.seq_len=128", "--config.data.batch_size=64",
+                     f"--json_out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  full_batch_logits = 64 * 128 * 32000 * 4
+  assert json.loads(out.read_text())["temp_bytes"] < full_batch_logits / 8
+
+
+@needs_libtpu
+@pytest.mark.slow
 @pytest.mark.parametrize("args,words", [
     (["--topology=v9z:1x1"], "--topology=v9z:1x1"),
     (["--topology=v5e:4x4", "--config.codistill.num_groups=3"],

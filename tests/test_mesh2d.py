@@ -54,7 +54,10 @@ def test_rules_lay_the_lm_over_data_and_model():
   assert specs[f"{layers}/attn/out/kernel"] == P(None, "model", None, "data")
   assert specs[f"{layers}/mlp/gate/kernel"] == P(None, "data", "model")
   assert specs[f"{layers}/mlp/down/kernel"] == P(None, "model", "data")
-  assert specs["params/params/head/kernel"] == P("data", "model")
+  # The output layer: its input width over 'model', its vocabulary over
+  # 'data' (and the embedding's vocabulary: see lm_configs).
+  assert specs["params/params/head/kernel"] == P("model", "data")
+  assert specs["params/params/embed/embedding"] == P("data", None)
   # Adam's moments follow their parameter.
   mu = [s for n, s in specs.items() if n.endswith("mu/params/layers/attn/"
                                                  "query/kernel")]
