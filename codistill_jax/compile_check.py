@@ -204,7 +204,20 @@ def check(config, devices=None, storage_bandwidth: float = 1e9) -> Report:
                             layout.teacher is None)
   step_fn = build.jit_train_step(config, setup, term, layout.arg_shardings)
   t = time.perf_counter()
-  compiled = step_fn.lower(setup.abstract, batch, *layout.args).compile()
+  try:
+    compiled = step_fn.lower(setup.abstract, batch, *layout.args).compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses a step that cannot fit: say so in one line.
+    text = str(e)
+    if "RESOURCE_EXHAUSTED" not in text:
+      raise
+    detail = text.split("RESOURCE_EXHAUSTED:", 1)[1].strip().splitlines()[0]
+    raise ConfigError(
+        f"one group's step does not fit on {len(group_devices)} "
+        f"{getattr(group_devices[0], 'device_kind', 'device')} chips: "
+        f"{detail}; give each group more chips (fewer groups or a larger "
+        "slice), or lower its memory (config.microbatches, "
+        "config.model.remat, config.data.batch_size)") from None
   compile_s = time.perf_counter() - t
   mem = compiled.memory_analysis()
   cost = compiled.cost_analysis()

@@ -35,7 +35,9 @@ def get_config(arg=None):
 
   c.data.name = "english"
   c.data.sources = "kernel_docs"  # Or 'installed', or 'a,b,c'.
-  c.data.roots = {}  # Source name -> directory, overriding its default.
+  # Source name -> directory ('': the Debian default), e.g.
+  # --config.data.roots.kernel_docs=DIR.
+  c.data.roots = {"kernel_docs": ""}
   c.data.vocab_size = 8192  # SentencePiece pieces (8k-32k is realistic).
   c.data.spm_model_type = "bpe"
   c.data.seq_len = 64

@@ -81,16 +81,21 @@ PRESETS = {
               "eval_max_batches": 4, "codistill.burn_in_steps": 40},
         batches=(8, 16, 32, 64), target_key="validation/loss",
         target=None, seeds=(0,), exchange_every=20, unit="tokens", rows=64),
-    # One large GPU: the same LM study at ~30x the CPU scale (bf16 llama).
+    # One large GPU (H200-class): the LM study at ~30-100x the CPU scale,
+    # lm_125m (bf16 matmuls over f32 params) on 1k-token windows, groups as
+    # processes sharing the device. Sized by estimate (~0.1-0.2 s a step at
+    # B = 64 x 1k tokens, a few seconds of compile a run; ~8 runs), not run
+    # yet: no device was lent.
     "gpu_lm": Preset(
         config="configs/lm_125m.py",
-        base={"total_steps": 400, "eval_every": 25, "log_every": 25,
-              "checkpoint_every": 400, "optimizer.schedule": "constant",
+        base={"total_steps": 300, "eval_every": 20, "log_every": 20,
+              "checkpoint_every": 300, "optimizer.schedule": "constant",
               "optimizer.warmup_steps": 20, "noise_scale.every": 10,
-              "eval_max_batches": 4, "codistill.burn_in_steps": 50},
-        batches=(8, 16, 32, 64), target_key="validation/loss", target=6.0,
-        seeds=(0,), exchange_every=25, launcher=True, unit="tokens",
-        rows=2048),
+              "eval_max_batches": 4, "codistill.burn_in_steps": 40,
+              "data.seq_len": 1024},
+        batches=(8, 16, 32, 64), target_key="validation/loss", target=None,
+        seeds=(0,), exchange_every=20, launcher=True, unit="tokens",
+        rows=1024),
 }
 
 def _methods(b: int, h: int, four: bool) -> dict[str, tuple[dict, int]]:
@@ -230,7 +235,10 @@ def smoke(preset: Preset) -> Preset:
   small = {"total_steps": 12, "eval_every": 4, "log_every": 4,
            "checkpoint_every": 12, "noise_scale.every": 2,
            "codistill.burn_in_steps": 2, "optimizer.warmup_steps": 0}
-  base = {k: v for k, v in preset.base.items() if k not in small}
+  # The quick config's own sizes stand (a preset's sequence length is not
+  # a toy's).
+  base = {k: v for k, v in preset.base.items()
+          if k not in small and k != "data.seq_len"}
   return dataclasses.replace(
       preset, config=config, base={**base, **small},
       batches=(4, 8), target=1e9, extra_targets=(), seeds=(0,),
@@ -341,8 +349,8 @@ def plot(out: dict, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-  ladder = out["ladder"]
-  bs = sorted(int(b) for b in ladder)
+  ladder = {int(b): r for b, r in out["ladder"].items()}  # JSON: str keys.
+  bs = sorted(ladder)
   ax1.plot(bs, [ladder[b]["steps_to_target"] for b in bs], "o-",
            label="sync (ladder, seed 0)")
   by_kind = {}

@@ -113,10 +113,11 @@ def main(argv):
             row["floor"] = 1 + (groups - 1) / 3
         rows.append(row)
         print(_line(row), flush=True)
-  bench_lib.write_json(_OUT.value, {"rows": rows})
-  table = markdown(rows)
-  with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
-    f.write(table + "\n")
+        # After every row: a stopped run still leaves its table so far.
+        bench_lib.write_json(_OUT.value, {"rows": rows})
+        table = markdown(rows)
+        with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
+          f.write(table + "\n")
   print(table)
 
 

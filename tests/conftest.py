@@ -50,4 +50,6 @@ def small_data(tmp_path_factory):
                         "--config.data.validation_size=100"],
       "kernel_lm": [f"--config.data.path={docs}",
                     f"--config.data.cache_dir={root / 'cache'}"],
+      "english_lm": [f"--config.data.roots.kernel_docs={docs}",
+                     f"--config.data.cache_dir={root / 'cache'}"],
   }

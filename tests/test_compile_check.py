@@ -248,6 +248,10 @@ def test_lm_activations_stay_split_over_the_batch_on_a_tpu_slice(tmp_path):
      "num_groups=3"),
     (["--topology=v5e:2x2", "--storage_bandwidth=fast"],
      "--storage_bandwidth"),
+    # A step the chips cannot hold: the compiler's own figures, one line.
+    (["--topology=v5e:2x2", "--config.data.batch_size=256",
+      "--config.data.seq_len=4096", "--config.data.vocab_size=128000"],
+     "does not fit on 2 TPU v5"),
 ])
 def test_bad_topology_input_is_one_line(args, words):
   result = run_check("--config=configs/lm_125m.py:quick,groups=2", *args)

@@ -269,7 +269,7 @@ def test_unknown_module_is_a_config_error():
     data_lib.get_module("nope")
   assert set(data_lib.available()) == {
       "flights", "criteo", "fashion_mnist", "kernel_docs", "tfds_image",
-      "tfds_text", "synthetic_lm"}  # Helpers (order, lm, ...) are not.
+      "tfds_text", "synthetic_lm", "english"}  # Helpers (order, lm) are not.
   with pytest.raises(ConfigError, match="config.data.name"):
     data_lib.get_module("tokenizer")
 
