@@ -216,9 +216,9 @@ def jit_train_step(config, setup: Setup, term=None,
   loss_fn = step_lib.make_loss_fn(losses.task_loss(config.loss))
   mesh = setup.mesh
   return jax.jit(
-      step_lib.make_train_step(setup.model.apply, loss_fn, setup.tx,
-                               setup.lr_fn, term,
-                               microbatches=config.microbatches),
+      mesh_lib.traced_on(mesh, step_lib.make_train_step(
+          setup.model.apply, loss_fn, setup.tx, setup.lr_fn, term,
+          microbatches=config.microbatches)),
       in_shardings=(setup.state_sharding, mesh_lib.batch_sharding(mesh),
                     *arg_shardings),
       out_shardings=(setup.state_sharding, mesh_lib.replicated(mesh)),
@@ -248,7 +248,8 @@ def jit_eval_step(config, setup: Setup, predictions: bool = False):
   fn = (metrics_lib.predictions_fn(config.loss) if predictions
         else metrics_lib.eval_metrics_fn(config.loss))
   return jax.jit(
-      step_lib.make_eval_step(setup.model.apply, fn),
+      mesh_lib.traced_on(setup.mesh,
+                         step_lib.make_eval_step(setup.model.apply, fn)),
       in_shardings=(setup.state_sharding.params,
                     mesh_lib.batch_sharding(setup.mesh)),
       out_shardings=mesh_lib.replicated(setup.mesh))

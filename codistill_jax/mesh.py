@@ -13,9 +13,11 @@ are data in the config. The first matching rule wins; unmatched parameters
 are replicated.
 """
 
+import functools
 import re
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -141,6 +143,28 @@ def make_mesh(devices: Sequence[Any], model_axis: int = 1) -> Mesh:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over 'data'."""
   return NamedSharding(mesh, P(DATA_AXIS))
+
+
+# Logical activation axes a model may constrain (`flax.linen.
+# with_logical_constraint`) and the mesh axes they map to: the batch over
+# 'data'; names without a rule stay whole.
+ACTIVATION_RULES = (("batch", DATA_AXIS),)
+
+
+def traced_on(mesh: Mesh, fn):
+  """`fn`, traced with `mesh` and `ACTIVATION_RULES` in context, for jit.
+
+  A model's activation constraints apply only here; elsewhere (no mesh in
+  context, e.g. the teacher service's single device) they are no-ops.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with (jax.sharding.use_abstract_mesh(mesh.abstract_mesh),
+          nn.logical_axis_rules(ACTIVATION_RULES)):
+      return fn(*args, **kwargs)
+
+  return wrapped
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -190,6 +190,11 @@ class _Mlp(nn.Module):
     return _dense(c, x.shape[-1], "down")(y)
 
 
+# Logical axes of the activations between blocks; `mesh.ACTIVATION_RULES`
+# maps 'batch' to the data axis and leaves the others whole.
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
 class _Block(nn.Module):
   """Pre-norm block: x + Attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)).
 
@@ -205,7 +210,10 @@ class _Block(nn.Module):
     norm = lambda name: _RMSNorm(c.norm_eps, c.dtype, c.param_dtype, name=name)
     x = x + drop(_Attention(c, name="attn")(norm("attn_norm")(x)))
     x = x + drop(_Mlp(c, name="mlp")(norm("mlp_norm")(x)))
-    return x, None
+    # The carry between blocks keeps the batch split (a no-op outside
+    # `mesh.traced_on`): XLA does not carry the input's sharding into a
+    # scanned loop's body by itself and may compute the whole batch there.
+    return nn.with_logical_constraint(x, ACTIVATION_AXES), None
 
 
 # Ranges of the numeric fields a config may set (config_lib.check_ranges, at
@@ -341,7 +349,7 @@ class Model(nn.Module):
     """Returns the final normalised hidden states, float32 [b, L, emb_dim]."""
     length = x.shape[-1]
     models_lib.check_length("llama", length, self.max_len)
-    h = self.embed(x)
+    h = nn.with_logical_constraint(self.embed(x), ACTIVATION_AXES)
     if self.scan_layers:
       h, _ = self.layers(h, train)
     else:
