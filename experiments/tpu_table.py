@@ -59,6 +59,9 @@ def compile_report(config: str, topology: str, groups: int,
          *[f"--config.{o}" for o in overrides]],
         cwd=ROOT, capture_output=True, text=True, timeout=_TIMEOUT.value,
         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if result.returncode < 0:  # libtpu segfaults on some near-full steps.
+      return {"error": f"the TPU compiler crashed (signal "
+                       f"{-result.returncode})"}
     if result.returncode or not os.path.exists(out):
       lines = [l for l in result.stderr.splitlines() if l.strip()]
       errors = [l for l in lines if l.startswith("error:")]

@@ -269,6 +269,27 @@ def test_lm_activations_stay_split_over_the_batch_on_a_tpu_slice(
 
 @needs_libtpu
 @pytest.mark.slow
+def test_v5e_step_estimate_counts_uncosted_calls_as_free(tmp_path):
+  """On v5e the compiler's `optimal_seconds` counts -1 s for every
+  ConcatBitcast call (this shape has several): uncorrected, the estimate is
+  negative; corrected it must be at least the step's FLOPs at peak."""
+  out = tmp_path / "report.json"
+  result = run_check("--config=configs/lm_125m.py:quick",
+                     "--topology=v5e:4x4", "--config.model.num_layers=1",
+                     "--config.model.scan_layers=False",
+                     "--config.model.emb_dim=256", "--config.model.mlp_dim=512",
+                     "--config.data.seq_len=256", "--config.data.batch_size=64",
+                     "--config.data.vocab_size=32000", f"--json_out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["uncosted_ops"] > 0  # The case this test is about.
+  assert report["step_s"] >= report["flops"] / report["peak_flops"]
+  assert 0 < report["mfu"] < 1
+  assert "counted as free" in result.stdout
+
+
+@needs_libtpu
+@pytest.mark.slow
 @pytest.mark.parametrize("args,words", [
     (["--topology=v9z:1x1"], "--topology=v9z:1x1"),
     (["--topology=v5e:4x4", "--config.codistill.num_groups=3"],
