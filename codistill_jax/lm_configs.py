@@ -49,6 +49,9 @@ def get_config(size: str, arg=None):
   c.model.scan_layers = True  # One compiled block: fast compiles at depth.
   c.model.remat = "full"  # Recompute each block's activations in backward.
   c.model.attention_impl = None  # XLA's; 'cudnn' for flash attention on GPU.
+  # Attention in query blocks of 256: a layer's scores at 1/8 of their
+  # [L, L] memory (no flash kernel through XLA on TPU); 0 for all at once.
+  c.model.attention_chunk = 256
 
   c.data.name = "synthetic_lm"
   c.data.vocab_size = vocab

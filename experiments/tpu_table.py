@@ -17,7 +17,11 @@ compiles the whole unrolled model instead: slow at 8B).
   pip install -e '.[tpu]'
   python experiments/tpu_table.py [--configs=lm_125m,lm_1b,lm_8b] \
       [--topologies=v5e:16x16,v5p:4x4x8,v6e:16x16] [--groups=1,2,4] \
+      [--sampled=lm_1b_256k@v5p:4x4x8 --num_samples=4096] \
       [--out=experiments/results/tpu_table.json]
+
+A second table compares the G = 2 step's temporaries with full-softmax and
+with sampled distillation (`--sampled`).
 
 Writes the JSON rows and prints the Markdown table (also written next to the
 JSON as .md).
@@ -33,7 +37,7 @@ from absl import app
 from absl import flags
 
 _CONFIGS = flags.DEFINE_list("configs", ["lm_125m", "lm_1b", "lm_8b"],
-                             "Configs under configs/.")
+                             "Configs under configs/ (NAME or NAME:ARG).")
 _TOPOLOGIES = flags.DEFINE_list(
     "topologies", ["v5e:16x16", "v5p:4x4x8", "v6e:16x16"], "TPU slices.")
 _GROUPS = flags.DEFINE_list("groups", ["1", "2", "4"], "Group counts.")
@@ -43,6 +47,12 @@ _OUT = flags.DEFINE_string(
     "out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                         "tpu_table.json"), "Where the rows go.")
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 1800, "Per compile.")
+_SAMPLED = flags.DEFINE_string(
+    "sampled", "lm_1b_256k@v5p:4x4x8",
+    "CONFIG@TOPOLOGY where the G = 2 step is compiled with full-softmax and "
+    "with sampled distillation, to compare their temporaries ('' skips).")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4096,
+                                    "K of the sampled row.")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,11 +60,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def compile_report(config: str, topology: str, groups: int,
                    *overrides: str) -> dict:
   """compile_check's JSON report, or {'error': the error line}."""
+  name, _, arg = config.partition(":")
+  arg = f"{arg},groups={groups}" if arg else f"groups={groups}"
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "report.json")
     result = subprocess.run(
         [sys.executable, "-m", "codistill_jax.compile_check",
-         f"--config=configs/{config}.py:groups={groups}",
+         f"--config=configs/{name}.py:{arg}",
          f"--topology={topology}", f"--json_out={out}",
          *[f"--config.{o}" for o in overrides]],
         cwd=ROOT, capture_output=True, text=True, timeout=_TIMEOUT.value,
@@ -73,7 +85,9 @@ def compile_report(config: str, topology: str, groups: int,
 def layers_of(config: str) -> int:
   sys.path.insert(0, ROOT)
   from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.load(config_lib.config_path(config)).model.num_layers
+  name, _, arg = config.partition(":")
+  path = config_lib.config_path(name) + (f":{arg}" if arg else "")
+  return config_lib.load_file(path).model.num_layers
 
 
 def step_time(config: str, topology: str, groups: int) -> tuple[float, float]:
@@ -117,11 +131,46 @@ def main(argv):
         rows.append(row)
         print(_line(row), flush=True)
         # After every row: a stopped run still leaves its table so far.
-        bench_lib.write_json(_OUT.value, {"rows": rows})
-        table = markdown(rows)
-        with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
-          f.write(table + "\n")
-  print(table)
+        write(bench_lib, rows, [])
+  sampled = []
+  if _SAMPLED.value:
+    config, topology = _SAMPLED.value.split("@")
+    for k in (0, _NUM_SAMPLES.value):
+      row = {"config": config, "topology": topology, "groups": 2,
+             "num_samples": k,
+             **compile_report(config, topology, 2,
+                              f"codistill.sampled.num_samples={k}")}
+      sampled.append(row)
+      print(_line(row), flush=True)
+    if all("error" not in r for r in sampled):
+      sampled[1]["temp_cut"] = sampled[0]["temp_bytes"] / sampled[1][
+          "temp_bytes"]
+    write(bench_lib, rows, sampled)
+  print(markdown(rows) + "\n\n" + markdown_sampled(sampled))
+
+
+def write(bench_lib, rows, sampled):
+  bench_lib.write_json(_OUT.value, {"rows": rows, "sampled": sampled})
+  with open(os.path.splitext(_OUT.value)[0] + ".md", "w") as f:
+    f.write(markdown(rows) + "\n")
+    if sampled:
+      f.write("\n" + markdown_sampled(sampled) + "\n")
+
+
+def markdown_sampled(rows: list[dict]) -> str:
+  out = ["| config | slice | G | distillation | fits HBM | temporaries "
+         "GiB/chip | cut |", "| --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    how = f"sampled, K = {r['num_samples']}" if r["num_samples"] else "full"
+    if "error" in r:
+      out.append(f"| {r['config']} | {r['topology']} | {r['groups']} | {how} "
+                 f"| {r['error'][:60]} | | |")
+      continue
+    cut = f"{r['temp_cut']:.1f}x" if r.get("temp_cut") else ""
+    out.append(f"| {r['config']} | {r['topology']} | {r['groups']} | {how} | "
+               f"{'yes' if r['fits'] else 'no'} | "
+               f"{r['temp_bytes'] / 2**30:.1f} | {cut} |")
+  return "\n".join(out)
 
 
 def _line(row: dict) -> str:

@@ -61,6 +61,8 @@ CASES = [
      ["--config.sharding.model_axis=3"], "config.sharding.model_axis=3"),
     ("model_axis_not_dividing_heads", "configs/lm_125m.py:quick",
      ["--config.sharding.model_axis=8"], "config.sharding.model_axis=8"),
+    ("attention_chunk_not_dividing", "configs/lm_125m.py:quick",
+     ["--config.model.attention_chunk=5"], "config.model.attention_chunk=5"),
     ("rule_naming_an_unknown_axis", FLIGHTS,
      ["--config.sharding.rules=((\".*\", (\"tensor\",)),)"],
      "config.sharding.rules"),

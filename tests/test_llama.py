@@ -293,6 +293,33 @@ def test_remat_same_loss_and_grads(remat, scan):
   assert not _remat_policies(ref, variables)
 
 
+@pytest.mark.parametrize("chunk", [2, 4])
+def test_chunked_attention_equals_whole(chunk):
+  """Query blocks give the same causal attention and the same gradients
+  (GQA: 4 query heads on 2 kv heads)."""
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.normal(size=(B, L, 4, 8)), jnp.float32)
+  k, v = (jnp.asarray(rng.normal(size=(B, L, 2, 8)), jnp.float32)
+          for _ in range(2))
+  whole = lambda q, k, v: jax.nn.dot_product_attention(q, k, v,
+                                                       is_causal=True)
+  part = lambda q, k, v: llama.chunked_attention(q, k, v, chunk)
+  np.testing.assert_allclose(part(q, k, v), whole(q, k, v), rtol=1e-5,
+                             atol=1e-6)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
+                                 atol=1e-6),
+               jax.grad(loss(part), argnums=(0, 1, 2))(q, k, v),
+               jax.grad(loss(whole), argnums=(0, 1, 2))(q, k, v))
+  # The model with it: same loss and gradients as without.
+  model, ref = _model(attention_chunk=chunk, num_kv_heads=2), _model(
+      num_kv_heads=2)
+  variables = _random_params(ref)
+  got, want = (_loss_and_grads(m, variables, X) for m in (model, ref))
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5,
+                                 atol=1e-6), got, want)
+
+
 def test_scan_layers_equals_unrolled_with_stacked_params():
   model, scanned = _model(), _model(scan_layers=True)
   variables = jax.jit(scanned.init, static_argnames="train")(
@@ -351,6 +378,8 @@ def test_flops_per_token():
     (dict(num_kv_heads=0), "num_kv_heads"),
     (dict(vocab_size=0), "vocab_size"),
     (dict(dropout_rate=1.0), "dropout_rate"),
+    (dict(attention_chunk=-1), "attention_chunk"),
+    (dict(attention_chunk=3), "attention_chunk"),  # Does not divide L = 8.
 ])
 def test_config_errors(kw, field):
   with pytest.raises(ConfigError, match=rf"config\.model\.{field}"):

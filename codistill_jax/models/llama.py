@@ -109,6 +109,31 @@ def rope(x, positions, theta: float):
   return out.astype(x.dtype)
 
 
+def chunked_attention(q, k, v, chunk: int, implementation=None):
+  """Causal attention in query blocks of `chunk` positions: a block's scores
+  [b, heads, chunk, L] at a time instead of [b, heads, L, L].
+
+  Each block is its own `jax.checkpoint`, so the backward pass recomputes its
+  scores rather than keeping every block's: the memory of the scores and
+  their softmax falls by L / chunk, the FLOPs stay those of the full square
+  (and one more forward of the scores in the backward). The loop is unrolled
+  (L / chunk blocks), so the compiler's cost model counts every block.
+  q [b, L, heads, d], k and v [b, L, kv_heads, d]; L a multiple of chunk.
+  """
+  length = q.shape[1]
+  positions = jnp.arange(length)
+
+  @jax.checkpoint
+  def block(q_block, k, v, start):
+    mask = (start + jnp.arange(q_block.shape[1]))[:, None] >= positions[None]
+    return jax.nn.dot_product_attention(q_block, k, v, mask=mask[None, None],
+                                        implementation=implementation)
+
+  return jnp.concatenate(
+      [block(q[:, i:i + chunk], k, v, i) for i in range(0, length, chunk)],
+      axis=1)
+
+
 def _dtype(field: str, value):
   """A floating jnp dtype from a name ('bfloat16') or a dtype."""
   try:
@@ -151,6 +176,7 @@ class _Dims(NamedTuple):
   attention_impl: str | None
   dtype: Any
   param_dtype: Any
+  attention_chunk: int = 0
 
 
 def _dense(dims: _Dims, features, name: str, axis=-1):
@@ -173,8 +199,11 @@ class _Attention(nn.Module):
     q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
     # GQA natively: query head n uses kv head n // (num_heads / num_kv_heads).
     # Scores and softmax are float32 inside whatever the dtype.
-    y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                     implementation=c.attention_impl)
+    if c.attention_chunk and c.attention_chunk < x.shape[1]:
+      y = chunked_attention(q, k, v, c.attention_chunk, c.attention_impl)
+    else:
+      y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                       implementation=c.attention_impl)
     return _dense(c, x.shape[-1], "out", axis=(-2, -1))(y)
 
 
@@ -221,7 +250,7 @@ class _Block(nn.Module):
 RANGES = {"vocab_size": "> 0", "max_len": "> 0", "num_layers": "> 0",
           "num_heads": "> 0", "emb_dim": "> 0", "mlp_dim": "> 0",
           "rope_theta": "> 0", "norm_eps": "> 0", "dropout_rate": "[0, 1)",
-          "num_kv_heads": "> 0", "head_dim": "> 0"}
+          "num_kv_heads": "> 0", "head_dim": "> 0", "attention_chunk": ">= 0"}
 
 
 class Model(nn.Module):
@@ -246,6 +275,10 @@ class Model(nn.Module):
     param_dtype: parameter dtype, likewise.
     attention_impl: None (JAX chooses), 'xla' or 'cudnn' (GPU flash
       attention), passed to `jax.nn.dot_product_attention`.
+    attention_chunk: 0 computes attention over the whole sequence at once;
+      C > 0 in query blocks of C positions (`chunked_attention`): L / C times
+      less memory for the scores, where no flash kernel keeps them off HBM
+      (TPU through XLA). Must divide the sequence length if shorter.
     remat: 'none'; 'full' recomputes each block in the backward pass; 'dots'
       keeps the blocks' weight matmul outputs and recomputes the rest,
       including the [L, L] attention scores.
@@ -267,6 +300,7 @@ class Model(nn.Module):
   dtype: Any = "bfloat16"
   param_dtype: Any = "float32"
   attention_impl: str | None = None
+  attention_chunk: int = 0
   remat: str = "none"
   scan_layers: bool = False
 
@@ -310,6 +344,10 @@ class Model(nn.Module):
     if self.remat not in REMAT:
       raise ConfigError(f"config.model.remat={self.remat!r} is unknown; use "
                         f"one of {REMAT}")
+    chunk = self.attention_chunk
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+      raise ConfigError(f"config.model.attention_chunk={chunk!r} must be an "
+                        "integer >= 0 (0: the whole sequence at once)")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ConfigError(
           f"config.model.attention_impl={self.attention_impl!r} is unknown; "
@@ -317,7 +355,7 @@ class Model(nn.Module):
     return _Dims(self.num_heads, kv_heads, head_dim, self.mlp_dim,
                  self.rope_theta, self.norm_eps, self.dropout_rate,
                  self.attention_impl, _dtype("dtype", self.dtype),
-                 _dtype("param_dtype", self.param_dtype))
+                 _dtype("param_dtype", self.param_dtype), self.attention_chunk)
 
   def setup(self):
     dims = self._dims()
@@ -349,6 +387,11 @@ class Model(nn.Module):
     """Returns the final normalised hidden states, float32 [b, L, emb_dim]."""
     length = x.shape[-1]
     models_lib.check_length("llama", length, self.max_len)
+    if 0 < self.attention_chunk < length and length % self.attention_chunk:
+      raise ConfigError(
+          f"config.model.attention_chunk={self.attention_chunk} does not "
+          f"divide the sequence length {length} (config.data.seq_len); use a "
+          "divisor of it, or 0")
     h = nn.with_logical_constraint(self.embed(x), ACTIVATION_AXES)
     if self.scan_layers:
       h, _ = self.layers(h, train)
