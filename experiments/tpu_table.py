@@ -4,7 +4,8 @@ For each config, topology and G, `codistill_jax.compile_check` compiles one
 group's train step for the slice (not attached; needs the `tpu` extra) in a
 subprocess of its own (libtpu can abort a process), and the table shows
 whether it fits the chip's HBM, its per-chip memory, the TPU compiler's
-estimated step time and MFU, and the G-way step over the 1-group one against
+estimated step time and MFU, and the G-way step's time per token per chip over
+the 1-group one's (`derive`) against
 the floor 1 + (G - 1) * forward/step (forward/step = 1/3 by the model's count:
 a teacher forward per peer on top of a 3-forward update).
 
@@ -51,6 +52,9 @@ _SAMPLED = flags.DEFINE_string(
     "sampled", "lm_1b_256k@v5p:4x4x8",
     "CONFIG@TOPOLOGY where the G = 2 step is compiled with full-softmax and "
     "with sampled distillation, to compare their temporaries ('' skips).")
+_FROM_JSON = flags.DEFINE_string(
+    "from_json", None, "Re-derive the ratios and tables of an earlier run's "
+    "JSON (no compiles); written to --out.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4096,
                                     "K of the sampled row.")
 
@@ -111,10 +115,16 @@ def main(argv):
   del argv
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_lib  # pylint: disable=g-import-not-at-top
+  if _FROM_JSON.value:
+    with open(_FROM_JSON.value) as f:
+      table = json.load(f)
+    rows, sampled = derive(table["rows"]), table.get("sampled", [])
+    write(bench_lib, rows, sampled)
+    print(markdown(rows) + "\n\n" + markdown_sampled(sampled))
+    return
   rows = []
   for config in _CONFIGS.value:
     for topology in _TOPOLOGIES.value:
-      base = None
       for groups in map(int, _GROUPS.value):
         row = {"config": config, "topology": topology, "groups": groups,
                **compile_report(config, topology, groups)}
@@ -123,12 +133,8 @@ def main(argv):
           row["step_s_whole"] = step_s
           row["mfu_whole"] = (flops / (step_s * row["peak_flops"])
                               if step_s and row["peak_flops"] else None)
-          if groups == 1:
-            base = step_s
-          if base and step_s:
-            row["over_one_group"] = step_s / base
-            row["floor"] = 1 + (groups - 1) / 3
         rows.append(row)
+        rows = derive(rows)
         print(_line(row), flush=True)
         # After every row: a stopped run still leaves its table so far.
         write(bench_lib, rows, [])
@@ -147,6 +153,31 @@ def main(argv):
           "temp_bytes"]
     write(bench_lib, rows, sampled)
   print(markdown(rows) + "\n\n" + markdown_sampled(sampled))
+
+
+def derive(rows: list[dict]) -> list[dict]:
+  """Adds each G-way row's cost over its slice's 1-group row and the floor.
+
+  The cost is per token (or example) per chip: G groups each take 1/G of the
+  slice and the config's per-group batch, so a chip does G times the
+  1-group row's work per step; the step ratio is divided by that. The floor
+  1 + (G - 1) * forward/step is the work of G - 1 teacher forwards on top of
+  an update of 3 forwards by the model's count (forward/step = 1/3; with
+  remat='full' the update recomputes a 4th forward, so the compiler's own
+  floor would be lower, 1 + (G - 1) / 4).
+  """
+  def per_unit_chip(r):
+    return r["step_s_whole"] * r["devices_per_group"] / r["per_step"]
+
+  base = {(r["config"], r["topology"]): r for r in rows
+          if r["groups"] == 1 and r.get("step_s_whole")}
+  for r in rows:
+    one = base.get((r["config"], r["topology"]))
+    if one and r.get("step_s_whole"):
+      r["over_one_group"] = per_unit_chip(r) / per_unit_chip(one)
+      r["floor"] = 1 + (r["groups"] - 1) / 3
+      r["over_floor"] = r["over_one_group"] / r["floor"]
+  return rows
 
 
 def write(bench_lib, rows, sampled):
@@ -184,7 +215,8 @@ def _line(row: dict) -> str:
 
 def markdown(rows: list[dict]) -> str:
   out = ["| config | slice | G | chips/group | fits HBM | GiB/chip | "
-         "est. step (ms) | est. MFU | G-way / 1-group (floor) |",
+         "est. step (ms) | est. MFU | G-way / 1-group per token per chip "
+         "(floor) |",
          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     if "error" in r:

@@ -307,3 +307,45 @@ def test_bad_topology_input_is_one_line(args, words):
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and words in errors[0], errors
   assert "Traceback" not in result.stderr
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_tpu_table_rows_ratios_and_sampled_cut(tmp_path):
+  """experiments/tpu_table.py at toy size: one row per (config, slice, G),
+  the G-way step over the 1-group one beside its floor, and the sampled
+  rows' cut computed from their own temporaries."""
+  out = tmp_path / "table.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run(
+      [sys.executable, "experiments/tpu_table.py", "--configs=lm_125m:quick",
+       "--topologies=v5e:2x2", "--groups=1,2",
+       "--sampled=lm_1b_256k:quick@v5e:2x2", "--num_samples=16",
+       f"--out={out}"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = json.loads(out.read_text())
+  one, two = table["rows"]
+  assert (one["groups"], two["groups"]) == (1, 2)
+  assert one["devices_per_group"] == 4 and two["devices_per_group"] == 2
+  assert all(r["fits"] and r["step_s_whole"] > 0 and 0 < r["mfu_whole"] < 1
+             for r in (one, two))
+  # Per token per chip: a 2-way group has half the chips and the same batch.
+  assert two["over_one_group"] == pytest.approx(
+      two["step_s_whole"] / one["step_s_whole"] / 2)
+  assert two["floor"] == pytest.approx(4 / 3)
+  full, sampled = table["sampled"]
+  assert (full["num_samples"], sampled["num_samples"]) == (0, 16)
+  assert sampled["temp_cut"] == pytest.approx(
+      full["temp_bytes"] / sampled["temp_bytes"])
+  markdown = (tmp_path / "table.md").read_text()
+  assert "| lm_125m:quick | v5e:2x2 | 2 | 2 | yes |" in markdown
+  assert "sampled, K = 16" in markdown
+  # --from_json re-derives an earlier run's table without compiling.
+  again = tmp_path / "again.json"
+  result = subprocess.run(
+      [sys.executable, "experiments/tpu_table.py", f"--from_json={out}",
+       f"--out={again}"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
+      capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert json.loads(again.read_text()) == table
