@@ -21,6 +21,11 @@ compiles the whole unrolled model instead: slow at 8B).
       [--sampled=lm_1b_256k@v5p:4x4x8 --num_samples=4096] \
       [--out=experiments/results/tpu_table.json]
 
+With `--pod_batch` the slice's batch stays the config's: each of G groups
+takes 1/G of it, so a chip does the same work per step at every G and the
+G-way ratio isolates what the teachers cost (by default each group takes the
+config's whole batch, as a run of the config would).
+
 A second table compares the G = 2 step's temporaries with full-softmax and
 with sampled distillation (`--sampled`).
 
@@ -52,6 +57,10 @@ _SAMPLED = flags.DEFINE_string(
     "sampled", "lm_1b_256k@v5p:4x4x8",
     "CONFIG@TOPOLOGY where the G = 2 step is compiled with full-softmax and "
     "with sampled distillation, to compare their temporaries ('' skips).")
+_POD_BATCH = flags.DEFINE_bool(
+    "pod_batch", False, "Keep the slice's batch: each of G groups takes 1/G "
+    "of the config's batch (a chip does the 1-group row's work per step), "
+    "instead of each group the config's whole batch.")
 _FROM_JSON = flags.DEFINE_string(
     "from_json", None, "Re-derive the ratios and tables of an earlier run's "
     "JSON (no compiles); written to --out.")
@@ -86,23 +95,32 @@ def compile_report(config: str, topology: str, groups: int,
       return json.load(f)
 
 
-def layers_of(config: str) -> int:
+def load(config: str):
   sys.path.insert(0, ROOT)
   from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
   name, _, arg = config.partition(":")
   path = config_lib.config_path(name) + (f":{arg}" if arg else "")
-  return config_lib.load_file(path).model.num_layers
+  return config_lib.load_file(path)
+
+
+def batch_overrides(config: str, groups: int) -> tuple[str, ...]:
+  """--pod_batch: each of G groups takes 1/G of the config's batch."""
+  if not _POD_BATCH.value or groups == 1:
+    return ()
+  return (f"data.batch_size={load(config).data.batch_size // groups}",)
 
 
 def step_time(config: str, topology: str, groups: int) -> tuple[float, float]:
   """(seconds, model FLOPs per device) of the whole unrolled step."""
+  more = batch_overrides(config, groups)
   if not _EXTRAPOLATE.value:
-    r = compile_report(config, topology, groups, "model.scan_layers=False")
+    r = compile_report(config, topology, groups, "model.scan_layers=False",
+                       *more)
     return r.get("step_s") or 0.0, r.get("model_flops") or 0.0
-  n = layers_of(config)
+  n = load(config).model.num_layers
   one, two = (compile_report(config, topology, groups,
                              "model.scan_layers=False",
-                             f"model.num_layers={k}") for k in (1, 2))
+                             f"model.num_layers={k}", *more) for k in (1, 2))
   if "error" in one or "error" in two:
     return 0.0, 0.0
   per_layer = two["step_s"] - one["step_s"]
@@ -127,7 +145,9 @@ def main(argv):
     for topology in _TOPOLOGIES.value:
       for groups in map(int, _GROUPS.value):
         row = {"config": config, "topology": topology, "groups": groups,
-               **compile_report(config, topology, groups)}
+               "pod_batch": _POD_BATCH.value,
+               **compile_report(config, topology, groups,
+                                *batch_overrides(config, groups))}
         if "error" not in row:
           step_s, flops = step_time(config, topology, groups)
           row["step_s_whole"] = step_s

@@ -349,3 +349,15 @@ def test_tpu_table_rows_ratios_and_sampled_cut(tmp_path):
       capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads(again.read_text()) == table
+  # --pod_batch: the 2 groups split the slice's batch, a chip's work stays.
+  pod = tmp_path / "pod.json"
+  result = subprocess.run(
+      [sys.executable, "experiments/tpu_table.py", "--configs=lm_125m:quick",
+       "--topologies=v5e:2x2", "--groups=1,2", "--sampled=", "--pod_batch",
+       f"--out={pod}"], cwd=ROOT, env={**env, "JAX_PLATFORMS": "cpu"},
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  one_pod, two_pod = json.loads(pod.read_text())["rows"]
+  assert one_pod["per_step"] == one["per_step"] == 2 * two_pod["per_step"]
+  assert two_pod["pod_batch"] and two_pod["over_one_group"] == pytest.approx(
+      two_pod["step_s_whole"] / one_pod["step_s_whole"])
