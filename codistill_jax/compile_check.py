@@ -69,6 +69,18 @@ _BANDWIDTH = flags.DEFINE_string(
     "storage_bandwidth", "1GB", "Bytes per second a group writes to the "
     "exchange dir (e.g. '1GB', '200MiB'), to time a publish.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the report here.")
+_WINDOWED = flags.DEFINE_bool(
+    "windowed_einsum", True,
+    "TPU: let XLA turn all-gather + matmul into a loop of windowed matmuls "
+    "(its default). The cost model counts a loop's body once, so with such "
+    "loops the step estimate is too low; --nowindowed_einsum compiles "
+    "without them for an estimate that counts every matmul.")
+
+# libtpu options that keep the SPMD partitioner from making windowed-einsum
+# loops (`--nowindowed_einsum`).
+NO_WINDOWED_EINSUM = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
+                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter":
+                      False}
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10,
           "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -113,6 +125,7 @@ class Report:
   storage_bandwidth: float = 1e9  # Bytes/s assumed for a publish.
   scanned: bool = False  # A scanned layer loop: XLA counts its body once.
   uncosted_ops: int = 0  # Calls the estimate counted -1 s each: added back.
+  while_loops: int = 0  # In the compiled program: bodies counted once.
 
   @property
   def total_bytes(self) -> int:
@@ -167,6 +180,11 @@ class Report:
         out.append(f"note: {self.uncosted_ops} {'/'.join(UNCOSTED_CALLS)} "
                    "call(s) counted as free (the compiler's estimate gives "
                    "each -1 s)")
+      if self.while_loops and not self.scanned:
+        out.append(f"warning: the program has {self.while_loops} loop(s) "
+                   "(windowed-einsum matmuls) whose bodies the compiler's "
+                   "flops and step time count once: a low estimate; "
+                   "--nowindowed_einsum compiles without them")
       if self.scanned:
         out.append("warning: the layers are scanned and the compiler's "
                    "flops and step time count the loop's body once; "
@@ -199,7 +217,8 @@ def estimated_step(compiled, cost: dict) -> tuple[float | None, int]:
   return (seconds if seconds > 0 else None), n
 
 
-def check(config, devices=None, storage_bandwidth: float = 1e9) -> Report:
+def check(config, devices=None, storage_bandwidth: float = 1e9,
+          compiler_options: dict | None = None) -> Report:
   """Compiles one group's train step for `devices` (all groups'); no compute.
 
   Args:
@@ -207,6 +226,7 @@ def check(config, devices=None, storage_bandwidth: float = 1e9) -> Report:
     devices: the target's devices (default: jax.devices()); they may belong
       to a topology that is not attached.
     storage_bandwidth: bytes/s to time one publish at.
+    compiler_options: passed to XLA's compile (e.g. NO_WINDOWED_EINSUM).
   """
   devices = list(devices if devices is not None else jax.devices())
   groups = config.codistill.num_groups
@@ -230,7 +250,8 @@ def check(config, devices=None, storage_bandwidth: float = 1e9) -> Report:
   step_fn = build.jit_train_step(config, setup, term, layout.arg_shardings)
   t = time.perf_counter()
   try:
-    compiled = step_fn.lower(setup.abstract, batch, *layout.args).compile()
+    compiled = step_fn.lower(setup.abstract, batch, *layout.args).compile(
+        compiler_options)
   except jax.errors.JaxRuntimeError as e:
     # The TPU compiler refuses a step that cannot fit: say so in one line.
     text = str(e)
@@ -250,6 +271,7 @@ def check(config, devices=None, storage_bandwidth: float = 1e9) -> Report:
     cost = cost[0] if cost else {}
   cost = cost or {}
   step_s, uncosted = estimated_step(compiled, cost)
+  loops = len(re.findall(r"\bwhile\(", compiled.as_text() or ""))
   device = group_devices[0]
   unit, per_step = perf.describe(example)
   params = jax.tree.leaves(setup.abstract.params)
@@ -269,7 +291,7 @@ def check(config, devices=None, storage_bandwidth: float = 1e9) -> Report:
       len(group_devices),
       compile_s=compile_s,
       unit=unit, per_step=per_step,
-      step_s=step_s, uncosted_ops=uncosted,
+      step_s=step_s, uncosted_ops=uncosted, while_loops=loops,
       peak_flops=perf.peak_flops(device) if device.platform != "cpu" else 0.0,
       hbm_bytes=perf.hbm_bytes(device),
       publish_bytes=(sum(x.size * x.dtype.itemsize for x in params)
@@ -315,7 +337,9 @@ def main(argv):
   budget = (parse_bytes(_BUDGET.value) if _BUDGET.value is not None
             else None)
   bandwidth = parse_bytes(_BANDWIDTH.value, "--storage_bandwidth")
-  report = check(_CONFIG.value, _target_devices(), bandwidth)
+  report = check(_CONFIG.value, _target_devices(), bandwidth,
+                 None if _WINDOWED.value or not _TOPOLOGY.value
+                 else NO_WINDOWED_EINSUM)
   print("\n".join(report.lines()))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

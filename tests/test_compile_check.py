@@ -269,6 +269,21 @@ def test_lm_activations_stay_split_over_the_batch_on_a_tpu_slice(
 
 @needs_libtpu
 @pytest.mark.slow
+def test_nowindowed_einsum_compiles_without_loops(tmp_path):
+  """The step-time compiles of tpu_table pass --nowindowed_einsum: libtpu
+  must accept the options, and the unrolled program then has no loop whose
+  body the estimate would count once."""
+  out = tmp_path / "report.json"
+  result = run_check("--config=configs/lm_125m.py:quick,groups=2",
+                     "--topology=v5e:2x2", "--config.model.scan_layers=False",
+                     "--nowindowed_einsum", f"--json_out={out}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report["while_loops"] == 0 and report["step_s"] > 0
+
+
+@needs_libtpu
+@pytest.mark.slow
 def test_v5e_step_estimate_counts_uncosted_calls_as_free(tmp_path):
   """On v5e the compiler's `optimal_seconds` counts -1 s for every
   ConcatBitcast call (this shape has several): uncorrected, the estimate is
