@@ -306,3 +306,47 @@ class ComparisonAccumulator:
         correct = np.argmax(mean_probs, -1) == labels
         out["ensemble/accuracy"] = float(np.average(correct, weights=w))
     return out
+
+
+@jax.jit
+def stack_window(window: list[dict]) -> dict:
+  """A log window's per-step device metrics, stacked in one dispatch.
+
+  (Op by op, jnp.stack of 50 steps x 10 metrics is ~500 dispatches: 5% of
+  the loop's host time for a 2-group MLP in a py-spy profile.)
+  """
+  return jax.tree.map(lambda *x: jnp.stack(x), *window)
+
+
+def check_finite(config, step: int, stacked: dict, last_saved: int | None,
+                  g: int) -> None:
+  """Stops on the first update whose metrics are not finite, naming the knob.
+
+  Args:
+    config: the run's config (the fix names its values).
+    step: the step of the newest update in `stacked`.
+    stacked: per-update metrics, each [n] for the n newest updates.
+    last_saved: the newest committed own checkpoint (every one is finite).
+    g: the group.
+  """
+  rows = {k: np.atleast_1d(np.asarray(v, np.float64)) for k, v in
+          stacked.items()}
+  bad_rows = np.flatnonzero(~np.all([np.isfinite(v) for v in rows.values()],
+                                    axis=0))
+  if not bad_rows.size:
+    return
+  i = int(bad_rows[0])
+  first = step - len(next(iter(rows.values()))) + i + 1
+  bad = {k: float(v[i]) for k, v in rows.items() if not np.isfinite(v[i])}
+  cd, opt = config.codistill, config.optimizer
+  if "distill_loss" in bad and "task_loss" not in bad:
+    fix = (f"lower config.codistill.alpha (now {cd.alpha}) or bring "
+           f"config.codistill.temperature (now {cd.temperature}) nearer 1")
+  else:
+    fix = (f"lower config.optimizer.learning_rate (now "
+           f"{opt.learning_rate}) or set config.optimizer.grad_clip_norm "
+           f"(now {opt.grad_clip_norm})")
+  raise FloatingPointError(
+      f"group {g}: {bad} at step {first}; the last good checkpoint is step "
+      f"{last_saved}; {fix}, and rerun with a new --workdir "
+      "(config.init_checkpoint=<this workdir> starts from its params)")

@@ -19,15 +19,12 @@ the storage owner's (`storage.py`).
 
 import dataclasses
 import functools
-import itertools
 import time
 from typing import Any, Callable, Iterator
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 import codistill_jax
 from codistill_jax import build
@@ -35,6 +32,7 @@ from codistill_jax import cadence
 from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import config_lib
 from codistill_jax import data as data_lib
+from codistill_jax import evaluation
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics as metrics_lib
 from codistill_jax import noise_scale
@@ -47,16 +45,6 @@ from codistill_jax.errors import ConfigError
 
 # How many steps the host may dispatch ahead of the devices.
 MAX_STEPS_AHEAD = 2
-
-
-@jax.jit
-def _stack(window: list[dict]) -> dict:
-  """A log window's per-step device metrics, stacked in one dispatch.
-
-  (Op by op, jnp.stack of 50 steps x 10 metrics is ~500 dispatches: 5% of
-  the loop's host time for a 2-group MLP in a py-spy profile.)
-  """
-  return jax.tree.map(lambda *x: jnp.stack(x), *window)
 
 
 @dataclasses.dataclass
@@ -76,40 +64,6 @@ class Group:
   pending: list = dataclasses.field(default_factory=list)  # Device metrics.
   noise_scale: Callable | None = None  # (state, batch) -> noise metrics.
   noise: list = dataclasses.field(default_factory=list)  # Its pending ones.
-
-
-def _check_finite(config, step: int, stacked: dict, last_saved: int | None,
-                  g: int) -> None:
-  """Stops on the first update whose metrics are not finite, naming the knob.
-
-  Args:
-    config: the run's config (the fix names its values).
-    step: the step of the newest update in `stacked`.
-    stacked: per-update metrics, each [n] for the n newest updates.
-    last_saved: the newest committed own checkpoint (every one is finite).
-    g: the group.
-  """
-  rows = {k: np.atleast_1d(np.asarray(v, np.float64)) for k, v in
-          stacked.items()}
-  bad_rows = np.flatnonzero(~np.all([np.isfinite(v) for v in rows.values()],
-                                    axis=0))
-  if not bad_rows.size:
-    return
-  i = int(bad_rows[0])
-  first = step - len(next(iter(rows.values()))) + i + 1
-  bad = {k: float(v[i]) for k, v in rows.items() if not np.isfinite(v[i])}
-  cd, opt = config.codistill, config.optimizer
-  if "distill_loss" in bad and "task_loss" not in bad:
-    fix = (f"lower config.codistill.alpha (now {cd.alpha}) or bring "
-           f"config.codistill.temperature (now {cd.temperature}) nearer 1")
-  else:
-    fix = (f"lower config.optimizer.learning_rate (now "
-           f"{opt.learning_rate}) or set config.optimizer.grad_clip_norm "
-           f"(now {opt.grad_clip_norm})")
-  raise FloatingPointError(
-      f"group {g}: {bad} at step {first}; the last good checkpoint is step "
-      f"{last_saved}; {fix}, and rerun with a new --workdir "
-      "(config.init_checkpoint=<this workdir> starts from its params)")
 
 
 def _process_slot(procs: list[int]) -> tuple[int, int]:
@@ -249,43 +203,7 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
       paths.ensemble_dir(workdir),
       enabled=len(run) > 1 and jax.process_index() == 0)
 
-  # --------------------------------------------------------------------------
-  # Evaluation: each group, then (when this job holds several) their ensemble
-  # and how much they disagree.
-  # --------------------------------------------------------------------------
-  def evaluate(split: str) -> dict[int | str, dict[str, float]]:
-    examples = run[0].datasets.info.get("num_examples", {}).get(split)
-    full = -(-examples // config.data.eval_batch_size) if examples else None
-    cap = config.eval_max_batches or None
-    n = min(full, cap) if full and cap else cap or full
-    passes = len(run) + (len(run) > 1)  # Each group, then the comparison.
-    progress = metrics_lib.Progress(f"eval {split}", n and n * passes)
-    capped = {f"{split}/batches": n} if cap and full and cap < full else {}
-    if capped:
-      logging.warning("eval %s: %d of its %d batches (config."
-                      "eval_max_batches)", split, n, full)
-
-    def batches(grp):
-      return itertools.islice(grp.datasets.evals[split](), n)
-
-    out = {}
-    for grp in run:
-      acc = metrics_lib.EvalAccumulator(config.loss)
-      for batch in batches(grp):
-        acc.add(grp.eval_step(grp.state.params,
-                              mesh_lib.shard_batch(batch, grp.batch_sharding)))
-        progress.tick()
-      out[grp.index] = {**{f"{split}/{k}": v for k, v in
-                           acc.summary().items()}, **capped}
-    if len(run) > 1:
-      acc = metrics_lib.ComparisonAccumulator(config.loss)
-      for same in zip(*map(batches, run)):  # Same split, same order.
-        acc.add([grp.predict_step(grp.state.params, mesh_lib.shard_batch(
-            b, grp.batch_sharding)) for grp, b in zip(run, same)])
-        progress.tick()
-      out["groups"] = {**{f"{split}/{k}": v for k, v in
-                          acc.summary().items()}, **capped}
-    return out
+  evaluate = functools.partial(evaluation.evaluate, config, run)
 
   # --------------------------------------------------------------------------
   # The loop. Metrics stay on device until a log step.
@@ -345,14 +263,14 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
         t0, s0 = now, done
         losses_str = []
         for grp in run:
-          stacked = jax.device_get(_stack(grp.pending))
+          stacked = jax.device_get(metrics_lib.stack_window(grp.pending))
           grp.pending.clear()
-          _check_finite(config, done, stacked, storage.last_saved[grp.index],
+          metrics_lib.check_finite(config, done, stacked, storage.last_saved[grp.index],
                         grp.index)
           scalars = metrics_lib.window_means(stacked)
           if grp.noise:
             noise = metrics_lib.window_means(
-                jax.device_get(_stack(grp.noise)))
+                jax.device_get(metrics_lib.stack_window(grp.noise)))
             grp.noise.clear()
             scalars.update(noise)
             scalars.update(noise_scale.summarize(noise,
@@ -388,7 +306,7 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
           # Never commit a non-finite state: param_norm is of the new params.
           if grp.pending:
             newest = jax.device_get(grp.pending[-1])
-            _check_finite(config, done, newest, storage.last_saved[grp.index],
+            metrics_lib.check_finite(config, done, newest, storage.last_saved[grp.index],
                           grp.index)
         storage.save(done, {grp.index: grp.state for grp in run})
       if stop:
