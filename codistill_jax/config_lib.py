@@ -99,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   # groups (codistillation); 'checkpoint', classic two-phase distillation
   # from a trained teacher of any architecture; 'service', the same teacher
   # served by a pool of Ray workers (EDL-Dist, `pip install -e .[service]`);
-  # 'stored', its targets written once by `codistill_jax.store_targets`.
+  # 'stored', its targets written once by `codistill_jax.tools.store_targets`.
   c.codistill.teacher_source = "peers"
   # What peers do with each other's params at an exchange ('peers' only):
   # 'distill', codistillation (a loss towards the mean of their predictions);
@@ -145,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.codistill.teacher_checkpoint = ""
   c.codistill.teacher_model_name = ""  # 'checkpoint': '' = model_name.
   c.codistill.teacher_model = ml_collections.ConfigDict()  # Its kwargs.
-  # 'stored': the directory `python -m codistill_jax.store_targets` wrote.
+  # 'stored': the directory `python -m codistill_jax.tools.store_targets` wrote.
   c.codistill.stored_targets = ""
   # > 0: distil towards the teacher's top-k probabilities plus one tail
   # bucket with the rest of the mass (what the target store or the teacher

@@ -9,7 +9,7 @@ model's vocabulary and context (a real corpus replaces it with
 `--config.data.name=...`). Config args: `quick` (the same architecture
 family at toy width, runs in seconds on a CPU), `groups=G`.
 
-  python -m codistill_jax.compile_check --config=configs/lm_1b.py \\
+  python -m codistill_jax.tools.compile_check --config=configs/lm_1b.py \\
       --topology=v5p:4x4x8 --config.codistill.num_groups=2
 """
 

@@ -29,11 +29,8 @@ The trainer measures it every `config.noise_scale.every` steps (0: never), on
 that step's batch and params, in its own jitted program: the cost is one
 extra forward and backward pass per measurement (1 / every of the training
 compute, e.g. 2% at every = 50) and k gradients' memory. `python -m
-codistill_jax.noise_scale` prints a run's critical batch size over training.
-
-  python -m codistill_jax.noise_scale --config=configs/flights.py:quick \
-      --workdir=/tmp/ns [--config.noise_scale.every=10]
-  python -m codistill_jax.noise_scale --workdir=/tmp/ns   # an existing run
+codistill_jax.tools.noise_scale` prints a run's critical batch size over
+training.
 """
 
 import json
@@ -113,81 +110,3 @@ def doubling_speedup(b_noise: float, batch_size: float) -> float:
     return 2.0
   b_noise = max(b_noise, 0.0)
   return (1 + b_noise / batch_size) / (1 + b_noise / (2 * batch_size))
-
-
-def read_run(workdir: str, group: int = 0) -> list[dict[str, Any]]:
-  """The noise-scale rows (step, b_simple, ...) of a run's group."""
-  path = os.path.join(workdir, f"group_{group}", "metrics.jsonl")
-  if not os.path.exists(path):
-    raise ConfigError(f"--workdir={workdir}: no {path}; pass --config to "
-                      "train a run that measures the noise scale")
-  rows = []
-  with open(path) as f:
-    for line in f:
-      row = json.loads(line)
-      if f"{PREFIX}b_simple" in row:
-        rows.append(row)
-  return rows
-
-
-def report(workdir: str, group: int = 0) -> dict[str, Any]:
-  """B_simple over training, as a table (printed) and a dict (returned)."""
-  with open(os.path.join(workdir, "config.json")) as f:
-    batch = json.load(f)["data"]["batch_size"]
-  rows = read_run(workdir, group)
-  if not rows:
-    raise ConfigError(
-        f"--workdir={workdir}: group {group} logged no noise scale; train "
-        "with --config.noise_scale.every=N (or pass --config here)")
-  print(f"group {group}, batch {batch} rows a step: B_simple (the critical "
-        "batch size, rows) and the steps doubling the batch would save")
-  print(f"{'step':>8} {'B_simple':>10} {'B/B_simple':>10} "
-        f"{'S(B)/S(2B)':>10}")
-  out = []
-  for r in rows:
-    b = r[f"{PREFIX}b_simple"]
-    out.append({"step": r["step"], "b_simple": b,
-                "doubling_speedup": r[f"{PREFIX}doubling_speedup"]})
-    ratio = batch / b if b > 0 and np.isfinite(b) else float("nan")
-    print(f"{r['step']:>8} {b:>10.1f} {ratio:>10.2f} "
-          f"{out[-1]['doubling_speedup']:>10.2f}")
-  late = [o["b_simple"] for o in out[len(out) // 2:]
-          if np.isfinite(o["b_simple"])]
-  summary = {"batch_size": batch, "rows": out,
-             "b_simple_second_half_median": float(np.median(late))
-             if late else float("inf")}
-  b = summary["b_simple_second_half_median"]
-  verdict = ("sync has saturated: a bigger synchronous batch buys few steps"
-             if batch > b else "doubling the synchronous batch still pays")
-  print(f"median B_simple over the second half: {b:.1f} rows; batch "
-        f"{batch}: {verdict} (S(B)/S(2B) = "
-        f"{doubling_speedup(b, batch):.2f})")
-  with open(os.path.join(workdir, f"noise_scale_group_{group}.json"),
-            "w") as f:
-    json.dump(summary, f, indent=1)
-  return summary
-
-
-def main(argv):
-  del argv
-  from codistill_jax import train  # pylint: disable=g-import-not-at-top
-  workdir = _WORKDIR.value
-  if _CONFIG.value is not None:
-    config = _CONFIG.value
-    if not config.noise_scale.every:
-      config.noise_scale.every = _EVERY.value or config.log_every
-    train.train_and_evaluate(config, workdir)
-  report(workdir, _GROUP.value)
-
-
-if __name__ == "__main__":
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from codistill_jax import cli  # pylint: disable=g-import-not-at-top
-  _CONFIG = cli.define_config_flag()
-  _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory "
-                                 "(trained first when --config is given).")
-  _GROUP = flags.DEFINE_integer("group", 0, "The group to report.")
-  _EVERY = flags.DEFINE_integer(
-      "every", 0, "With --config and noise_scale.every = 0: measure every "
-      "this many steps (0: config.log_every).")
-  cli.run(main, required=("workdir",))

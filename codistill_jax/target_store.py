@@ -1,6 +1,6 @@
 r"""Stored teacher targets: run a trained teacher once, train from its files.
 
-  python -m codistill_jax.target_store --config=configs/kernel_lm.py \
+  python -m codistill_jax.tools.store_targets --config=configs/kernel_lm.py \
       --teacher=/tmp/teacher_run --out=/shared/targets/lm_top64 \
       --config.codistill.topk=64 [--config.codistill.temperature=2]
 
@@ -98,7 +98,7 @@ class TargetStore:
       raise ConfigError(
           f"config.codistill.stored_targets={self.path}: not a readable "
           f"target store ({type(e).__name__}: {e}); write one with `python "
-          "-m codistill_jax.target_store`") from None
+          "-m codistill_jax.tools.store_targets`") from None
 
   def check(self, config, datasets) -> None:
     """Refuses a config whose data, target format or teacher differ."""
@@ -220,26 +220,3 @@ def write(config, teacher_path: str, out: str) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return manifest
-
-
-def main(argv) -> None:
-  del argv
-  manifest = write(_CONFIG.value, _TEACHER.value, _OUT.value)
-  arrays = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}"
-                     for k, v in manifest["arrays"].items())
-  size = sum(os.path.getsize(os.path.join(_OUT.value, f))
-             for f in os.listdir(_OUT.value))
-  print(f"wrote {_OUT.value}: {arrays}; {size / 2**20:.1f} MiB; teacher "
-        f"{manifest['teacher']['step_dir']}")
-
-
-if __name__ == "__main__":
-  # pylint: disable=g-import-not-at-top
-  from absl import flags
-  from codistill_jax import cli
-  _CONFIG = cli.define_config_flag()
-  _TEACHER = flags.DEFINE_string(
-      "teacher", None, "The trained teacher: a run dir, checkpoints dir or "
-      "step dir.")
-  _OUT = flags.DEFINE_string("out", None, "The store directory to create.")
-  cli.run(main, required=("config", "teacher", "out"))

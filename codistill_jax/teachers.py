@@ -30,7 +30,7 @@ holds one source per group and calls each hook once per phase:
   FromService     the same teacher served by a pool of Ray workers
                   (EDL-Dist; the `service` extra).
   FromStore       the teacher's targets written once by
-                  `python -m codistill_jax.target_store`; the teacher never
+                  `python -m codistill_jax.tools.store_targets`; the teacher never
                   runs in training.
 
 A new source is one class here and an entry in `SOURCES`.
@@ -463,7 +463,7 @@ class FromService(Source):
 # Stored targets.
 # ----------------------------------------------------------------------------
 class FromStore(Source):
-  """Targets written once by `codistill_jax.target_store`, read by example id.
+  """Targets written once by `codistill_jax.tools.store_targets`, read by example id.
 
   Each batch's rows are looked up by their 'index' in the training split, so
   any group, shard or resumed step reads the targets of its own examples.
@@ -597,7 +597,7 @@ def check_config(config) -> None:
     if not cd.stored_targets:
       raise ConfigError("config.codistill.teacher_source='stored' needs "
                         "config.codistill.stored_targets=<dir written by "
-                        "python -m codistill_jax.target_store>")
+                        "python -m codistill_jax.tools.store_targets>")
     if not os.path.isdir(cd.stored_targets):
       raise ConfigError(f"config.codistill.stored_targets="
                         f"{cd.stored_targets}: no such directory")

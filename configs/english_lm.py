@@ -10,7 +10,7 @@ and cached) and packed into full windows with an end-of-document token.
 
 Needs `pip install -e .[lm]` (sentencepiece) and the sources it names
 (`apt-get install -y linux-doc-6.1` for the default; `python -m
-codistill_jax.data.corpus` lists every source with its install command).
+codistill_jax.tools.corpus` lists every source with its install command).
 Args: `groups=G` (codistillation), `quick` (toy sizes, a few steps).
 """
 

@@ -3,7 +3,7 @@ r"""Llama-shaped 8B LM (Llama 3 8B's shape at a 32k vocabulary).
 Built by codistill_jax/lm_configs.py (shapes, dtypes, remat, FSDP rules,
 synthetic_lm data). Args: `quick` (toy width, seconds on a CPU), `groups=G`.
 
-  python -m codistill_jax.compile_check --config=configs/lm_8b.py \
+  python -m codistill_jax.tools.compile_check --config=configs/lm_8b.py \
       --topology=v5p:4x4x8 --config.codistill.num_groups=2
 """
 

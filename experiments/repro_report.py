@@ -133,7 +133,7 @@ def test_predictions(workdir: str, num_groups: int) -> dict[str, np.ndarray]:
     return dict(np.load(cache))
   # Imported here: rendering a report from cached predictions needs no JAX.
   import jax  # pylint: disable=g-import-not-at-top
-  from codistill_jax import churn as churn_lib  # pylint: disable=g-import-not-at-top
+  from codistill_jax.tools import churn as churn_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import step as step_lib  # pylint: disable=g-import-not-at-top

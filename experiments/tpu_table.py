@@ -1,6 +1,6 @@
 r"""The README's pod table: real-size LMs compiled for TPU slices, G = 1, 2, 4.
 
-For each config, topology and G, `codistill_jax.compile_check` compiles one
+For each config, topology and G, `codistill_jax.tools.compile_check` compiles one
 group's train step for the slice (not attached; needs the `tpu` extra) in a
 subprocess of its own (libtpu can abort a process), and the table shows
 whether it fits the chip's HBM, its per-chip memory, the TPU compiler's
@@ -87,7 +87,7 @@ def compile_report(config: str, topology: str, groups: int,
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "report.json")
     result = subprocess.run(
-        [sys.executable, "-m", "codistill_jax.compile_check",
+        [sys.executable, "-m", "codistill_jax.tools.compile_check",
          f"--config=configs/{name}.py:{arg}",
          f"--topology={topology}", f"--json_out={out}",
          *extra, *[f"--config.{o}" for o in overrides]],

@@ -327,13 +327,13 @@ def test_matrix_size():
 
 
 @pytest.mark.parametrize("module,args,words", [
-    ("codistill_jax.churn", ["--run_a={corrupt_run}", "--run_b={corrupt_run}"],
+    ("codistill_jax.tools.churn", ["--run_a={corrupt_run}", "--run_b={corrupt_run}"],
      "unreadable or corrupt"),
-    ("codistill_jax.churn", ["--run_a={empty_dir}", "--run_b={empty_dir}"],
+    ("codistill_jax.tools.churn", ["--run_a={empty_dir}", "--run_b={empty_dir}"],
      "config.json not found"),
-    ("codistill_jax.compile_check", ["--config=" + FLIGHTS,
+    ("codistill_jax.tools.compile_check", ["--config=" + FLIGHTS,
                                      "--num_devices=0"], "--num_devices=0"),
-    ("codistill_jax.target_store", ["--config=" + FLIGHTS,
+    ("codistill_jax.tools.store_targets", ["--config=" + FLIGHTS,
                                     "--teacher={empty_dir}", "--out={a_file}"],
      "exists"),
     ("experiments/launch_local.py", ["--config=" + FLIGHTS,

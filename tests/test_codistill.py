@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from codistill_jax import churn
+from codistill_jax.tools import churn
 from codistill_jax import exchange
 from codistill_jax import checkpoint
 from codistill_jax import paths

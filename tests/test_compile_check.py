@@ -1,4 +1,4 @@
-"""Ahead-of-time compile check (codistill_jax/compile_check.py).
+"""Ahead-of-time compile check (codistill_jax/tools/compile_check.py).
 
 Every config in configs/ (quick variant, 2 groups) is compiled for the 8 fake
 CPU devices without running a step, and the per-device figures are checked
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from codistill_jax import compile_check
+from codistill_jax.tools import compile_check
 from codistill_jax import mesh as mesh_lib
 from codistill_jax.errors import ConfigError
 from tests.test_train import ROOT, load_config
@@ -124,7 +124,7 @@ def test_parse_bytes(text, value):
 def run_check(*args):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.run(
-      [sys.executable, "-m", "codistill_jax.compile_check", *args], cwd=ROOT,
+      [sys.executable, "-m", "codistill_jax.tools.compile_check", *args], cwd=ROOT,
       env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
       timeout=300)
 

@@ -69,7 +69,7 @@ def test_trainer_logs_it_and_the_study_command_reports_it(tmp_path):
     assert 1.0 <= r["noise_scale/doubling_speedup"] <= 2.0
   # The study command, on that run (reads only).
   out = subprocess.run(
-      [sys.executable, "-m", "codistill_jax.noise_scale",
+      [sys.executable, "-m", "codistill_jax.tools.noise_scale",
        f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120, check=True)
   assert "median B_simple over the second half" in out.stdout
@@ -84,7 +84,7 @@ def test_study_command_errors_name_the_fix(tmp_path):
   config.total_steps = 4
   train.train_and_evaluate(config, str(tmp_path))  # No noise scale logged.
   out = subprocess.run(
-      [sys.executable, "-m", "codistill_jax.noise_scale",
+      [sys.executable, "-m", "codistill_jax.tools.noise_scale",
        f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
       env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
   assert out.returncode == 2

@@ -1,4 +1,4 @@
-"""The plot command draws runs (codistill_jax/plot.py)."""
+"""The plot command draws runs (codistill_jax/tools/plot.py)."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 
 from codistill_jax import metrics
 from codistill_jax import paths
-from codistill_jax import plot
+from codistill_jax.tools import plot
 from codistill_jax.errors import ConfigError
 from tests.test_train import ROOT
 
@@ -56,7 +56,7 @@ def test_a_baseline_run_has_no_distillation_panels(tmp_path):
 
 def test_the_command_prints_the_paths_and_refuses_a_non_run(tmp_path):
   workdir = _fake_run(tmp_path, "run")
-  result = subprocess.run([sys.executable, "-m", "codistill_jax.plot",
+  result = subprocess.run([sys.executable, "-m", "codistill_jax.tools.plot",
                            workdir], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
   assert result.returncode == 0, result.stderr

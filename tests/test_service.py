@@ -537,7 +537,7 @@ def test_workers_added_from_another_process_outlive_it(flights, expected,
 
   def serve(*extra):
     result = subprocess.run(
-        [sys.executable, "-m", "codistill_jax.service.serve", *flags, *extra],
+        [sys.executable, "-m", "codistill_jax.tools.serve", *flags, *extra],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

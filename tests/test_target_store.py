@@ -129,7 +129,7 @@ def test_target_store_command(tmp_path):
   del config
   out = str(tmp_path / "store")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-  cmd = [sys.executable, "-m", "codistill_jax.target_store",
+  cmd = [sys.executable, "-m", "codistill_jax.tools.store_targets",
          "--config=configs/flights.py:quick", f"--teacher={teacher_dir}",
          f"--out={out}"]
   result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,

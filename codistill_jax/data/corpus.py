@@ -13,7 +13,7 @@ the documents.
 
 Measured on Debian 12 with every source installed (words: whitespace-split,
 after cleaning; tokens: `spm.py`'s 32k BPE model trained on all of it, EOD
-included; `python -m codistill_jax.data.corpus` re-counts the words):
+included; `python -m codistill_jax.tools.corpus` re-counts the words):
 
   source              docs      words     tokens  licence
   kernel_docs         3183   3,050,329  5,717,097  GPL-2.0
@@ -1018,30 +1018,3 @@ def texts(docs: Iterable[Document]) -> Iterator[str]:
 
 def count_words(text: str) -> int:
   return len(text.split())
-
-
-def main() -> None:
-  """Prints each installed source's documents, bytes and words (a survey)."""
-  import sys  # pylint: disable=g-import-not-at-top
-  import time  # pylint: disable=g-import-not-at-top
-  names = sys.argv[1:] or list(SOURCES)
-  total = 0
-  for name in names:
-    start = time.time()
-    try:
-      docs = documents([name])
-    except ConfigError as e:
-      print(f"{name:20s} missing: {e}")
-      continue
-    chars = words = 0
-    for text in texts(docs):
-      chars += len(text)
-      words += count_words(text)
-    total += words
-    print(f"{name:20s} {len(docs):7d} docs {chars / 1e6:8.1f} M chars "
-          f"{words:11,d} words  {time.time() - start:6.1f} s", flush=True)
-  print(f"{'total':20s} {total:,d} words")
-
-
-if __name__ == "__main__":
-  main()

@@ -63,7 +63,7 @@ def source_names(config) -> list[str]:
     if not names:
       raise ConfigError("config.data.sources='installed': no corpus source "
                         "is installed; e.g. apt-get install -y linux-doc-6.1 "
-                        "(python -m codistill_jax.data.corpus lists them)")
+                        "(python -m codistill_jax.tools.corpus lists them)")
     return names
   return [n.strip() for n in text.split(",") if n.strip()]
 

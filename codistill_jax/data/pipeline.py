@@ -34,7 +34,7 @@ class Datasets:
     train_scan: optional; a fresh, finite, padded iterator over the whole
       training split in split order (every group's examples once), with each
       example's 'index' as in `train`: what a teacher's targets are written
-      for (`codistill_jax.store_targets`).
+      for (`codistill_jax.tools.store_targets`).
   """
   train: Callable[[int], Iterator[dict]]
   evals: Mapping[str, Callable[[], Iterator[dict]]]

@@ -6,7 +6,7 @@ count, without creating a parameter or running a step, and reports what XLA
 says one device needs (arguments, outputs, temporaries, code) and the step's
 flops. A pod run that will not fit fails here, in seconds, on a CPU.
 
-  python -m codistill_jax.compile_check --config=configs/kernel_lm.py \
+  python -m codistill_jax.tools.compile_check --config=configs/kernel_lm.py \
       --num_devices=64 --max_memory_per_device=16GiB [--config.a.b=value]
 
 The state is built exactly as the trainer builds it (`build.build`:
@@ -29,7 +29,7 @@ per chip, whether the step fits the chip's HBM, and for codistillation the
 bytes a group publishes per exchange and their time at
 `--storage_bandwidth`.
 
-  python -m codistill_jax.compile_check --config=configs/lm_1b.py \
+  python -m codistill_jax.tools.compile_check --config=configs/lm_1b.py \
       --topology=v5p:4x4x8 --config.codistill.num_groups=2
 
 Exit codes: 0 fits (or no budget given), 2 bad input (one `error:` line),

@@ -5,7 +5,7 @@ same configuration differ: mean |p_a - p_b| of the predicted probabilities for
 a sigmoid output (CTR), top-1 disagreement for softmax outputs. Also reported:
 each model's own metrics and those of their 2-model ensemble.
 
-  python -m codistill_jax.churn --run_a=/tmp/seed0 --run_b=/tmp/seed1 \
+  python -m codistill_jax.tools.churn --run_a=/tmp/seed0 --run_b=/tmp/seed1 \
       [--group_a=0] [--group_b=0] [--split=test] [--out=churn.json]
 
 Both runs must share the data config (the eval split is rebuilt from run a's

@@ -1,6 +1,6 @@
 r"""Draws runs: loss, distillation, agreement, staleness per group (a command).
 
-  python -m codistill_jax.plot WORKDIR [WORKDIR ...] [--out=DIR] [--smooth=5]
+  python -m codistill_jax.tools.plot WORKDIR [WORKDIR ...] [--out=DIR] [--smooth=5]
 
 Reads each run's `group_<g>/metrics.jsonl` (and `ensemble/`), writes one PNG
 per panel into `--out` (default: the first run's `plots/`), and prints their
@@ -132,7 +132,7 @@ def main(argv):
   workdirs = argv[1:]
   if not workdirs:
     raise ConfigError("name at least one run directory: python -m "
-                      "codistill_jax.plot WORKDIR [WORKDIR ...]")
+                      "codistill_jax.tools.plot WORKDIR [WORKDIR ...]")
   runs = {os.path.basename(os.path.normpath(w)) or w: load_run(w)
           for w in workdirs}
   out = flags.FLAGS.out or os.path.join(workdirs[0], "plots")

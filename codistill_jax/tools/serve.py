@@ -5,7 +5,7 @@ exits, until `--stop` (or `ray.kill`) ends them, so a pool can grow and shrink
 while students train. A student finds them when its config describes the same
 teacher (checkpoint, model, temperature, target format, teacher_dtype).
 
-  python -m codistill_jax.service.serve --config=configs/flights.py \
+  python -m codistill_jax.tools.serve --config=configs/flights.py \
       --config.codistill.teacher_source=service \
       --config.codistill.teacher_checkpoint=/shared/teacher_run \
       --config.codistill.service.address=HEAD_IP:6379 \

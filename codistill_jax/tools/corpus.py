@@ -1,0 +1,38 @@
+"""Lists the English corpus's sources: documents, bytes and words of each.
+
+  python -m codistill_jax.tools.corpus [SOURCE ...]
+
+A source that is not installed prints the command that installs it
+(data/corpus.py has the registry).
+"""
+
+import sys
+import time
+
+from codistill_jax.data import corpus
+from codistill_jax.errors import ConfigError
+
+
+def main() -> None:
+  """Prints each installed source's documents, bytes and words (a survey)."""
+  names = sys.argv[1:] or list(corpus.SOURCES)
+  total = 0
+  for name in names:
+    start = time.time()
+    try:
+      docs = corpus.documents([name])
+    except ConfigError as e:
+      print(f"{name:20s} missing: {e}")
+      continue
+    chars = words = 0
+    for text in corpus.texts(docs):
+      chars += len(text)
+      words += corpus.count_words(text)
+    total += words
+    print(f"{name:20s} {len(docs):7d} docs {chars / 1e6:8.1f} M chars "
+          f"{words:11,d} words  {time.time() - start:6.1f} s", flush=True)
+  print(f"{'total':20s} {total:,d} words")
+
+
+if __name__ == "__main__":
+  main()
