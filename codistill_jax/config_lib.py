@@ -1,16 +1,15 @@
-"""The config skeleton, the one config loader, and validation (no jax here).
+"""The config skeleton, the check vocabulary and the one loader (no jax here).
 
 Config files in `configs/` start from `base_config()` and fill in the model and
 data; `load('configs/x.py:arg', overrides)` is how every command, test and
 experiment turns a file into a locked `ConfigDict`. Neither imports jax, so
 `--help` and a flag error answer at once.
 
-`validate(config)` runs before anything is compiled or written and raises
-`ConfigError` with a one-line message naming the field and the fix. It checks
-what this module owns (the skeleton's keys, types and numeric ranges, declared
-once in `RANGES` next to the fields) and then asks each owner of a field to
-check its own (`check_config` in losses, optim, sampling, mesh, checkpoint,
-teachers, the model and the data module), importing them only then.
+It also holds the check vocabulary every owner of config fields uses
+(`check_choice`, `check_ranges`, `check_like`) and `check_skeleton`: the base
+config's keys, types and numeric ranges (declared once in `RANGES` next to the
+fields). Composing every owner's checks is `validate.py`'s job, above the
+owners; this module imports nothing of the package but `errors`.
 """
 
 from __future__ import annotations
@@ -419,35 +418,6 @@ def check_skeleton(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{name} is empty; name a module of "
                         f"codistill_jax/{package}/ or a dotted module path "
                         "of your own")
-
-
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None,
-             num_groups_here: int | None = None) -> None:
-  """Raises ConfigError naming the first problem; returns None if all is well.
-
-  Args:
-    config: the experiment config.
-    num_devices: devices of this job (default: jax.device_count()).
-    num_groups_here: groups this job runs (default: all of them).
-  """
-  check_skeleton(config)
-  # The owners of the other fields; imported only now (they import jax).
-  # pylint: disable=g-import-not-at-top
-  from codistill_jax import checkpoint
-  from codistill_jax import data
-  from codistill_jax import losses
-  from codistill_jax import mesh
-  from codistill_jax import models
-  from codistill_jax import optim
-  from codistill_jax import sampling
-  from codistill_jax import teachers
-  # pylint: enable=g-import-not-at-top
-  for check in (teachers.check_config, checkpoint.check_config,
-                sampling.check_config, losses.check_config, optim.check_config,
-                models.check_config, data.check_config):
-    check(config)
-  mesh.check_config(config, num_devices=num_devices,
-                    num_groups_here=num_groups_here)
 
 
 # ----------------------------------------------------------------------------

@@ -33,15 +33,12 @@ codistill_jax.tools.noise_scale` prints a run's critical batch size over
 training.
 """
 
-import json
-import os
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codistill_jax.errors import ConfigError
 
 PREFIX = "noise_scale/"
 

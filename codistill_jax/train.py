@@ -30,7 +30,6 @@ import codistill_jax
 from codistill_jax import build
 from codistill_jax import cadence
 from codistill_jax import checkpoint as ckpt_lib
-from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import evaluation
 from codistill_jax import mesh as mesh_lib
@@ -40,6 +39,7 @@ from codistill_jax import paths
 from codistill_jax import perf
 from codistill_jax import storage as storage_lib
 from codistill_jax import teachers as teachers_lib
+from codistill_jax import validate
 from codistill_jax.data import pipeline
 from codistill_jax.errors import ConfigError
 
@@ -92,7 +92,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if not groups or not all(0 <= g < num_groups for g in groups):
     raise ConfigError(f"--groups={groups} must name groups in "
                       f"0..{num_groups - 1} (config.codistill.num_groups)")
-  config_lib.validate(config, num_groups_here=len(groups))
+  validate.validate(config, num_groups_here=len(groups))
   if profile_steps and profile_steps[1] > config.total_steps:
     raise ConfigError(f"--profile_steps={profile_steps[0]}:{profile_steps[1]}"
                       f" ends after config.total_steps={config.total_steps}:"

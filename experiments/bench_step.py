@@ -18,12 +18,12 @@ import jax
 import time
 
 import bench_lib  # Sibling module: run from the repo root or experiments/.
-from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import step as step_lib
 from codistill_jax import build
+from codistill_jax import validate
 
 _STEPS = flags.DEFINE_integer("steps", 30, "Timed steps per config.")
 _OUT = flags.DEFINE_string("out", "experiments/results/bench_step.json",
@@ -34,7 +34,7 @@ _WORKLOADS = flags.DEFINE_list(
 
 
 def bench(config) -> dict:
-  config_lib.validate(config)
+  validate.validate(config)
   mesh = mesh_lib.make_mesh(jax.devices())
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)

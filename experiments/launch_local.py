@@ -44,9 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import cli
-from codistill_jax import config_lib
 from codistill_jax import metrics as metrics_lib
 from codistill_jax import paths
+from codistill_jax import validate
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = cli.define_config_flag()
@@ -173,7 +173,7 @@ def main(argv):
   groups = cli.parse_groups(_GROUPS.value) or list(range(num_groups))
   # The same one-line errors as codistill_jax.main, before anything starts.
   # (Each child checks its own devices when it starts.)
-  config_lib.validate(config, num_devices=1, num_groups_here=1)
+  validate.validate(config, num_devices=1, num_groups_here=1)
   ckpt_lib.check_workdir(workdir, config)
   # Pass the config flags on exactly as given (file, ':arg' and overrides).
   config_args = [a for a in sys.argv[1:] if a.startswith("--config")]

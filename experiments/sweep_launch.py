@@ -139,7 +139,8 @@ def validate(argv: list[str]) -> None:
                                         if a.startswith("--config.")])
   # One device per group is enough to check the fields; the cluster's own
   # divisibility is checked when each job starts (or by compile_check).
-  config_lib.validate(config, num_devices=1, num_groups_here=1)
+  from codistill_jax import validate as validate_lib  # pylint: disable=g-import-not-at-top
+  validate_lib.validate(config, num_devices=1, num_groups_here=1)
 
 
 def render(launcher: str, name: str, group: int | str, workdir: str,

@@ -13,6 +13,7 @@ from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import metrics
 from codistill_jax import optim
+from codistill_jax import validate
 from codistill_jax.errors import ConfigError
 
 
@@ -124,4 +125,4 @@ def test_config_file_typo_is_caught():
   c.unlock()
   c.totl_steps = 5
   with pytest.raises(ConfigError, match="totl_steps"):
-    config_lib.validate(c)
+    validate.validate(c)

@@ -29,7 +29,7 @@ per chip, whether the step fits the chip's HBM, and for codistillation the
 bytes a group publishes per exchange and their time at
 `--storage_bandwidth`.
 
-  python -m codistill_jax.tools.compile_check --config=configs/lm_1b.py \
+  python -m codistill_jax.tools.compile_check --config=configs/lm.py:size=1b \
       --topology=v5p:4x4x8 --config.codistill.num_groups=2
 
 Exit codes: 0 fits (or no budget given), 2 bad input (one `error:` line),
@@ -48,11 +48,11 @@ from jax.experimental import topologies
 
 from codistill_jax import build
 from codistill_jax import cli
-from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import perf
 from codistill_jax import teachers
+from codistill_jax import validate
 from codistill_jax.errors import ConfigError
 
 _CONFIG = cli.define_config_flag()
@@ -230,7 +230,7 @@ def check(config, devices=None, storage_bandwidth: float = 1e9,
   """
   devices = list(devices if devices is not None else jax.devices())
   groups = config.codistill.num_groups
-  config_lib.validate(config, num_devices=len(devices))
+  validate.validate(config, num_devices=len(devices))
   # The slice is carved (and checked) before anything compiles: libtpu
   # aborts the whole process on some device sets.
   group_devices = mesh_lib.slice_groups(groups, devices)[-1]

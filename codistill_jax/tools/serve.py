@@ -19,8 +19,8 @@ from absl import flags
 import ray
 
 from codistill_jax import cli
-from codistill_jax import config_lib
 from codistill_jax import data as data_lib
+from codistill_jax import validate
 from codistill_jax.errors import ConfigError
 from codistill_jax.service import pool as pool_lib
 from codistill_jax.service import teacher as teacher_lib
@@ -32,7 +32,7 @@ _STOP = flags.DEFINE_bool("stop", False,
 
 def serve(config, stop: bool = False) -> list[str]:
   """Starts (or stops) the workers; returns their names."""
-  config_lib.validate(config, num_devices=1)
+  validate.validate(config, num_devices=1)
   s = config.codistill.service
   if config.codistill.teacher_source != "service" or not s.address:
     raise ConfigError("serve needs config.codistill.teacher_source=service "

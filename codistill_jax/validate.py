@@ -1,0 +1,40 @@
+"""Validation of a whole config, before anything is compiled or written.
+
+`validate(config)` raises `ConfigError` with a one-line message naming the
+first bad field and the fix. It composes the checks of every owner of config
+fields: the skeleton's keys, types and ranges (`config_lib`), then each
+owner's `check_config` for its own fields (teacher source, checkpoints,
+sampled distillation, losses, optimizer, model, data module, mesh). The owners
+never import this module; it sits above them.
+"""
+
+from codistill_jax import checkpoint
+from codistill_jax import config_lib
+from codistill_jax import data
+from codistill_jax import losses
+from codistill_jax import mesh
+from codistill_jax import models
+from codistill_jax import optim
+from codistill_jax import sampling
+from codistill_jax import teachers
+
+# Owners checked in this order: a message names the first problem found.
+_CHECKS = (teachers.check_config, checkpoint.check_config,
+           sampling.check_config, losses.check_config, optim.check_config,
+           models.check_config, data.check_config)
+
+
+def validate(config, num_devices: int | None = None,
+             num_groups_here: int | None = None) -> None:
+  """Raises ConfigError naming the first problem; returns None if all is well.
+
+  Args:
+    config: the experiment config.
+    num_devices: devices of this job (default: jax.device_count()).
+    num_groups_here: groups this job runs (default: all of them).
+  """
+  config_lib.check_skeleton(config)
+  for check in _CHECKS:
+    check(config)
+  mesh.check_config(config, num_devices=num_devices,
+                    num_groups_here=num_groups_here)
