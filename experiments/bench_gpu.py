@@ -1,6 +1,6 @@
 r"""One accelerator: the LM's baseline step against its codistillation step.
 
-For each config (by default `lm_125m`, `lm_1b`, `lm_8b`: the largest that
+For each size of `configs/lm.py` (by default 125m, 1b, 8b: the largest that
 fits is the last row without an error) one group's train step runs on one
 device twice, side by side in one process: the plain step, and the
 codistillation step with G - 1 stacked peer teachers in
@@ -16,11 +16,11 @@ on a CPU), the teacher forward alone, and the G-way step over its floor
 Sized for one large GPU (an H200: about 5 minutes for the default rows):
 
   pip install -e '.[cuda]'
-  python experiments/bench_gpu.py [--configs=lm_125m,lm_1b,lm_8b] \
+  python experiments/bench_gpu.py [--sizes=125m,1b,8b] \
       [--groups=2] [--batch_size=8] [--steps=10] \
       [--set=model.attention_impl=cudnn] [--out=experiments/results/bench_gpu.json]
 
-`--quick` takes the configs' `:quick` variants: what the tests run on a CPU.
+`--quick` takes the config's `quick` variant: what the tests run on a CPU.
 """
 
 import os
@@ -29,8 +29,8 @@ import sys
 from absl import app
 from absl import flags
 
-_CONFIGS = flags.DEFINE_list("configs", ["lm_125m", "lm_1b", "lm_8b"],
-                             "LM configs under configs/.")
+_SIZES = flags.DEFINE_list("sizes", ["125m", "1b", "8b"],
+                           "Sizes of configs/lm.py (its size=... arg).")
 _GROUPS = flags.DEFINE_integer("groups", 2, "G: the step distills from G - 1.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per step (0: the "
                               "config's).")
@@ -43,7 +43,7 @@ _OUT = flags.DEFINE_string(
                         "bench_gpu.json"), "Output JSON.")
 
 
-def bench(name: str) -> dict:
+def bench(size: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import bench_lib  # pylint: disable=g-import-not-at-top
@@ -56,7 +56,8 @@ def bench(name: str) -> dict:
   from codistill_jax import teachers as teachers_lib  # pylint: disable=g-import-not-at-top
 
   groups = _GROUPS.value
-  config = bench_lib.load_config(name, "quick" if _QUICK.value else None)
+  config = bench_lib.load_config(
+      "lm", f"size={size}" + (",quick" if _QUICK.value else ""))
   config_lib.apply_overrides(config, _SET.value)
   config.codistill.num_groups = groups
   config.codistill.burn_in_steps = 0  # The teachers' forward from step 0.
@@ -105,7 +106,8 @@ def bench(name: str) -> dict:
       lambda: forward(teacher_params, batch["inputs"]), _STEPS.value)
   unit, per_step = perf.describe(example)
   peak = perf.peak_flops(device)
-  row = {"config": name + (":quick" if _QUICK.value else ""), "G": groups,
+  row = {"config": f"lm_{size}" + (":quick" if _QUICK.value else ""),
+         "G": groups,
          "device": device.device_kind, "batch_size": config.data.batch_size,
          "seq_len": int(example["inputs"].shape[-1]),
          "params": sum(x.size for x in jax.tree.leaves(params)),
@@ -136,9 +138,10 @@ def main(argv):
   import bench_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   rows = []
-  for name in _CONFIGS.value:
+  for size in _SIZES.value:
+    name = f"lm_{size}"
     try:
-      rows.append(bench(name))
+      rows.append(bench(size))
     except jax.errors.JaxRuntimeError as e:
       # Out of device memory: this config and the larger ones do not fit.
       if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(

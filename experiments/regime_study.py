@@ -82,12 +82,12 @@ PRESETS = {
         batches=(8, 16, 32, 64), target_key="validation/loss",
         target=None, seeds=(0,), exchange_every=20, unit="tokens", rows=64),
     # One large GPU (H200-class): the LM study at ~30-100x the CPU scale,
-    # lm_125m (bf16 matmuls over f32 params) on 1k-token windows, groups as
-    # processes sharing the device. Sized by estimate (~0.1-0.2 s a step at
-    # B = 64 x 1k tokens, a few seconds of compile a run; ~8 runs), not run
-    # yet: no device was lent.
+    # configs/lm.py's 125m, its default size (bf16 matmuls over f32
+    # params), on 1k-token windows, groups as processes sharing the device.
+    # Sized by estimate (~0.1-0.2 s a step at B = 64 x 1k tokens, a few
+    # seconds of compile a run; ~8 runs), not run yet: no device was lent.
     "gpu_lm": Preset(
-        config="configs/lm_125m.py",
+        config="configs/lm.py",  # size=125m; smoke() adds :quick.
         base={"total_steps": 300, "eval_every": 20, "log_every": 20,
               "checkpoint_every": 300, "optimizer.schedule": "constant",
               "optimizer.warmup_steps": 20, "noise_scale.every": 10,

@@ -23,6 +23,9 @@ compiles the whole unrolled model instead: slow at 8B).
       [--sampled=lm_1b_256k@v5p:4x4x8 --num_samples=4096] \
       [--out=experiments/results/tpu_table.json]
 
+Configs go by their rows' labels: `lm_1b` is `configs/lm.py:size=1b`,
+`lm_125m:quick` is `configs/lm.py:size=125m,quick` (`config_file`).
+
 With `--pod_batch` the slice's batch stays the config's: each of G groups
 takes 1/G of it, so a chip does the same work per step at every G and the
 G-way ratio isolates what the teachers cost (by default each group takes the
@@ -44,8 +47,10 @@ import tempfile
 from absl import app
 from absl import flags
 
-_CONFIGS = flags.DEFINE_list("configs", ["lm_125m", "lm_1b", "lm_8b"],
-                             "Configs under configs/ (NAME or NAME:ARG).")
+_CONFIGS = flags.DEFINE_list(
+    "configs", ["lm_125m", "lm_1b", "lm_8b"],
+    "Row labels: lm_SIZE[:ARG] is configs/lm.py:size=SIZE[,ARG], any other "
+    "NAME[:ARG] configs/NAME.py[:ARG].")
 _TOPOLOGIES = flags.DEFINE_list(
     "topologies", ["v5e:16x16", "v5p:4x4x8", "v6e:16x16"], "TPU slices.")
 _GROUPS = flags.DEFINE_list("groups", ["1", "2", "4"], "Group counts.")
@@ -57,7 +62,7 @@ _OUT = flags.DEFINE_string(
 _TIMEOUT = flags.DEFINE_integer("timeout_s", 1800, "Per compile.")
 _SAMPLED = flags.DEFINE_string(
     "sampled", "lm_1b_256k@v5p:4x4x8",
-    "CONFIG@TOPOLOGY where the G = 2 step is compiled with full-softmax and "
+    "LABEL@TOPOLOGY where the G = 2 step is compiled with full-softmax and "
     "with sampled distillation, to compare their temporaries ('' skips).")
 _POD_BATCH = flags.DEFINE_bool(
     "pod_batch", False, "Keep the slice's batch: each of G groups takes 1/G "
@@ -79,16 +84,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _TIMING = ("--nowindowed_einsum",)
 
 
+def config_file(label: str, *args: str) -> str:
+  """A row's label -> its config file and arg, relative to the repository.
+
+  'lm_1b:quick' -> 'configs/lm.py:size=1b,quick': the labels (in the JSON
+  rows too) are those of the time when each LM size was a file of its own;
+  any other 'NAME[:ARG]' is 'configs/NAME.py[:ARG]'. `args` are appended.
+  """
+  name, _, arg = label.partition(":")
+  if name.startswith("lm_"):
+    name, arg = "lm", f"size={name[3:]}" + (f",{arg}" if arg else "")
+  arg = ",".join(filter(None, (arg, *args)))
+  return f"configs/{name}.py" + (f":{arg}" if arg else "")
+
+
 def compile_report(config: str, topology: str, groups: int,
                    *overrides: str, extra: tuple[str, ...] = ()) -> dict:
   """compile_check's JSON report, or {'error': the error line}."""
-  name, _, arg = config.partition(":")
-  arg = f"{arg},groups={groups}" if arg else f"groups={groups}"
   with tempfile.TemporaryDirectory() as tmp:
     out = os.path.join(tmp, "report.json")
     result = subprocess.run(
         [sys.executable, "-m", "codistill_jax.tools.compile_check",
-         f"--config=configs/{name}.py:{arg}",
+         f"--config={config_file(config, f'groups={groups}')}",
          f"--topology={topology}", f"--json_out={out}",
          *extra, *[f"--config.{o}" for o in overrides]],
         cwd=ROOT, capture_output=True, text=True, timeout=_TIMEOUT.value,
@@ -107,9 +124,7 @@ def compile_report(config: str, topology: str, groups: int,
 def load(config: str):
   sys.path.insert(0, ROOT)
   from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
-  name, _, arg = config.partition(":")
-  path = config_lib.config_path(name) + (f":{arg}" if arg else "")
-  return config_lib.load_file(path)
+  return config_lib.load_file(os.path.join(ROOT, config_file(config)))
 
 
 def batch_overrides(config: str, groups: int) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ def test_bench_gpu_quick_on_cpu(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   result = subprocess.run(
       [sys.executable, "experiments/bench_gpu.py", "--quick",
-       "--configs=lm_125m", "--groups=3", "--steps=2", "--warmup=1",
+       "--sizes=125m", "--groups=3", "--steps=2", "--warmup=1",
        "--batch_size=4", f"--out={out}"], cwd=ROOT,
       env={**env, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
       timeout=600)

@@ -74,7 +74,7 @@ def test_scanned_layers_cost_no_more_memory_than_unrolled_ones():
   16-layer 1B on v5p 4x4x8: 822 GB a chip instead of 12 GB)."""
   temps = {}
   for scan in (True, False):
-    config = load_config("lm_125m", "quick")
+    config = load_config("lm", "quick")
     config.data.update(seq_len=256, batch_size=32)
     config.model.update(emb_dim=128, mlp_dim=256, scan_layers=scan)
     temps[scan] = compile_check.check(config).temp_bytes
@@ -224,7 +224,7 @@ def test_a_codistilled_lm_compiles_for_a_tpu_slice(tmp_path):
   out = tmp_path / "report.json"
   # v5e:4x4 is where G = 2 used to fail (a group interleaving two hosts'
   # chips); the quick LM codistils, so the exchange is reported too.
-  result = run_check("--config=configs/lm_125m.py:quick,groups=2",
+  result = run_check("--config=configs/lm.py:quick,groups=2",
                      "--topology=v5e:4x4", "--storage_bandwidth=100MB",
                      f"--json_out={out}")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -260,7 +260,7 @@ def test_lm_activations_stay_split_over_the_batch_on_a_tpu_slice(
   """The LM must not let XLA gather the batch on every chip of a slice: a
   chip's temporaries stay under 1/8 of what the whole batch would need."""
   out = tmp_path / "report.json"
-  result = run_check("--config=configs/lm_125m.py:quick",
+  result = run_check("--config=configs/lm.py:quick",
                      "--topology=v5e:4x4", "--config.data.batch_size=64",
                      *shape, f"--json_out={out}")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -274,7 +274,7 @@ def test_nowindowed_einsum_compiles_without_loops(tmp_path):
   must accept the options, and the unrolled program then has no loop whose
   body the estimate would count once."""
   out = tmp_path / "report.json"
-  result = run_check("--config=configs/lm_125m.py:quick,groups=2",
+  result = run_check("--config=configs/lm.py:quick,groups=2",
                      "--topology=v5e:2x2", "--config.model.scan_layers=False",
                      "--nowindowed_einsum", f"--json_out={out}")
   assert result.returncode == 0, result.stderr[-3000:]
@@ -289,7 +289,7 @@ def test_v5e_step_estimate_counts_uncosted_calls_as_free(tmp_path):
   ConcatBitcast call (this shape has several): uncorrected, the estimate is
   negative; corrected it must be at least the step's FLOPs at peak."""
   out = tmp_path / "report.json"
-  result = run_check("--config=configs/lm_125m.py:quick",
+  result = run_check("--config=configs/lm.py:quick",
                      "--topology=v5e:4x4", "--config.model.num_layers=1",
                      "--config.model.scan_layers=False",
                      "--config.model.emb_dim=256", "--config.model.mlp_dim=512",
@@ -317,7 +317,7 @@ def test_v5e_step_estimate_counts_uncosted_calls_as_free(tmp_path):
      "does not fit on 2 TPU v5"),
 ])
 def test_bad_topology_input_is_one_line(args, words):
-  result = run_check("--config=configs/lm_125m.py:quick,groups=2", *args)
+  result = run_check("--config=configs/lm.py:quick,groups=2", *args)
   assert result.returncode == 2, result.stderr[-2000:]
   errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and words in errors[0], errors

@@ -26,7 +26,7 @@ from tests.test_train import load_config, restore_params
 
 
 def lm(model_axis=1, groups=2, **overrides):
-  config = load_config("lm_125m", f"quick,groups={groups}")
+  config = load_config("lm", f"quick,groups={groups}")
   config.sharding.model_axis = model_axis
   config.codistill.exchange_blocking = True  # Exact staleness: comparable.
   for key, value in overrides.items():
@@ -55,7 +55,7 @@ def test_rules_lay_the_lm_over_data_and_model():
   assert specs[f"{layers}/mlp/gate/kernel"] == P(None, "data", "model")
   assert specs[f"{layers}/mlp/down/kernel"] == P(None, "model", "data")
   # The output layer: its input width over 'model', its vocabulary over
-  # 'data' (and the embedding's vocabulary: see lm_configs).
+  # 'data' (and the embedding's vocabulary: see configs/lm.py).
   assert specs["params/params/head/kernel"] == P("model", "data")
   assert specs["params/params/embed/embedding"] == P("data", None)
   # Adam's moments follow their parameter.

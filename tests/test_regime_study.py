@@ -27,8 +27,8 @@ def _study(tmp_path, preset, *extra):
 
 @pytest.mark.slow
 def test_gpu_lm_study_runs_at_toy_size_with_one_process_per_group(tmp_path):
-  """The GPU command's pipeline (lm_125m's family, groups as processes
-  sharing the devices, as on one GPU), every method, on a CPU."""
+  """The GPU command's pipeline (configs/lm.py's 125m family, groups as
+  processes sharing the devices, as on one GPU), every method, on a CPU."""
   cmd, env, report = _study(tmp_path, "gpu_lm")
   out = json.load(open(tmp_path / "results" / "regime_study_gpu_lm.json"))
   assert set(out["summary"]) == set(regime_study._methods(4, 4, False))
