@@ -1,4 +1,4 @@
-"""Tests of the offline text corpus (`corpus.py`) and the subword tokenizer
+"""Tests of the offline text corpus (`data/corpus/`) and the subword tokenizer
 and packing (`spm.py`).
 
 Every test writes its own small files in each source's real format (a Sphinx
@@ -20,6 +20,7 @@ import pytest
 from codistill_jax.data import corpus
 from codistill_jax.data import spm
 from codistill_jax.data import tokenizer as tokenizer_lib
+from codistill_jax.data.corpus.cleaners import multidoc
 from codistill_jax.errors import ConfigError
 
 try:
@@ -428,7 +429,7 @@ def test_documents_ids_order_and_reading(tmp_path, monkeypatch):
   _write_bible(str(bible))
   # Two entries of ~10 words per dictionary document: GCIDE's 2 entries make
   # two documents.
-  monkeypatch.setattr(corpus, "DICT_DOC_WORDS", 10)
+  monkeypatch.setattr(multidoc, "DICT_DOC_WORDS", 10)
   roots = {"kernel_docs": str(kernel), "gcide": str(dictd),
            "bible_commentaries": str(bible)}
   docs = corpus.documents(["gcide", "kernel_docs", "bible_commentaries"],
