@@ -8,10 +8,13 @@ Mallard), so none needs the Debian packages. The sentencepiece tests are
 skipped when it is not installed.
 """
 
+import dataclasses
 import gzip
 import hashlib
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -22,6 +25,9 @@ from codistill_jax.data import spm
 from codistill_jax.data import tokenizer as tokenizer_lib
 from codistill_jax.data.corpus.cleaners import multidoc
 from codistill_jax.errors import ConfigError
+from codistill_jax.tools import corpus as corpus_tool
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 try:
   import sentencepiece  # noqa: F401  pylint: disable=unused-import
@@ -487,6 +493,35 @@ def test_every_source_is_complete():
     assert source.include and source.license, name
     assert (source.clean is None) or (source.read is None), name
   assert set(corpus.GENERAL_ENGLISH) <= set(corpus.SOURCES)
+
+
+def test_corpus_command_counts_reports_missing_and_rejects_unknown(
+    tmp_path, monkeypatch, capsys):
+  """`python -m codistill_jax.tools.corpus`: a line per source, `missing:`
+  with the install command for one not installed, and a name that is no
+  source is one `error:` line naming the known ones, exit 2."""
+  kernel = corpus.SOURCES["kernel_docs"]
+  _write(tmp_path / "kernel" / "a.rst.txt",
+         "Title\n=====\n\nFour words of text.\n")
+  monkeypatch.setitem(corpus.SOURCES, "kernel_docs", dataclasses.replace(
+      kernel, root=str(tmp_path / "kernel")))
+  monkeypatch.setitem(corpus.SOURCES, "gcide", dataclasses.replace(
+      corpus.SOURCES["gcide"], root=str(tmp_path / "none")))
+  corpus_tool.main(["corpus", "kernel_docs", "gcide"])
+  out = capsys.readouterr().out.splitlines()
+  assert out[0].split()[:3] == ["kernel_docs", "1", "docs"]
+  assert "5 words" in out[0]
+  assert out[1].startswith("gcide") and "missing:" in out[1]
+  assert "apt-get update && apt-get install -y dict-gcide" in out[1]
+  assert out[2].split() == ["total", "5", "words"]
+  result = subprocess.run(
+      [sys.executable, "-m", "codistill_jax.tools.corpus", "kernel_docs",
+       "nope"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr
+  assert result.stdout == ""
+  (line,) = result.stderr.splitlines()
+  assert line.startswith("error: unknown source 'nope'; known: kernel_docs,")
+  assert "scipy_stack_docs" in line
 
 
 # ----------------------------------------------------------------------------

@@ -2,20 +2,26 @@
 
   python -m codistill_jax.tools.corpus [SOURCE ...]
 
-A source that is not installed prints the command that installs it
-(data/corpus.py has the registry).
+Every source of `corpus.SOURCES` when none is named. A source that is not
+installed prints `missing:` and the command that installs it
+(data/corpus/registry.py has the registry); a name that is no source is one
+`error:` line naming the known ones, exit code 2.
 """
 
-import sys
 import time
 
+from codistill_jax import cli
 from codistill_jax.data import corpus
 from codistill_jax.errors import ConfigError
 
 
-def main() -> None:
+def main(argv):
   """Prints each installed source's documents, bytes and words (a survey)."""
-  names = sys.argv[1:] or list(corpus.SOURCES)
+  names = argv[1:] or list(corpus.SOURCES)
+  unknown = [n for n in names if n not in corpus.SOURCES]
+  if unknown:
+    raise ConfigError(f"unknown source {', '.join(map(repr, unknown))}; "
+                      f"known: {', '.join(corpus.SOURCES)}")
   total = 0
   for name in names:
     start = time.time()
@@ -35,4 +41,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main, positional=True)
