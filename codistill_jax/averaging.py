@@ -34,10 +34,13 @@ OUTER_OPTIMIZERS = ("nesterov", "sgd")
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
-  """Whether the config's groups average params (else they distil)."""
+  """Whether the config's groups average params (else they distil).
+
+  `codistill.method='average'` is only valid with peers as the teachers
+  (teachers.check_config refuses anything else).
+  """
   cd = config.codistill
-  return (cd.teacher_source == "peers" and cd.method == "average" and
-          cd.num_groups > 1)
+  return cd.method == "average" and cd.num_groups > 1
 
 
 class OuterState(NamedTuple):

@@ -1,10 +1,12 @@
 """From a config to the pieces a run computes with, built once (no compute).
 
 The model, the optimizer, the abstract state laid out on a group's mesh, the
-teacher model, the distillation term, and the jitted train / eval / predict
-steps. The trainer, `compile_check` (which lowers the very same jitted step
-ahead of time), `churn`, the teacher service, `store_targets` and the
-experiments all build through here, so they cannot drift apart.
+fixed teacher's model, the distillation term, and the jitted train / eval /
+predict steps. `train_step(config, setup, layout)` is the one train-step
+builder: the trainer, `tools/compile_check` (which lowers the very same jitted
+step ahead of time) and every experiment build their step with it, so they
+cannot drift apart; `tools/churn`, the teacher service and the target store
+build their models here too.
 """
 
 import dataclasses
@@ -81,33 +83,39 @@ def build(config: ml_collections.ConfigDict, datasets, mesh) -> Setup:
 # ----------------------------------------------------------------------------
 # Teachers.
 # ----------------------------------------------------------------------------
-def teacher_spec(config: ml_collections.ConfigDict) -> tuple[str, dict]:
-  """(model name, kwargs) of the teacher: the one answer to "which model".
+def teacher_spec(config: ml_collections.ConfigDict,
+                 checkpoint: str = "") -> tuple[str, dict]:
+  """(model name, kwargs) of a fixed teacher: the one answer to "which model".
 
-  Peers are copies of the student. A fixed teacher (checkpoint, service,
-  stored targets) is, in this order: `codistill.teacher_model_name` /
-  `teacher_model` when named (in a config file); the architecture in the
-  config.json of the run `codistill.teacher_checkpoint` belongs to (a
-  teacher run dir is enough); else the student's architecture.
+  A fixed teacher (two-phase distillation, the service, stored targets) is,
+  in this order: `codistill.teacher_model_name` / `teacher_model` when named
+  (in a config file); the architecture in the config.json of the run its
+  checkpoint belongs to (a teacher run dir is enough); else the student's.
+  Peers are copies of their own groups and never ask.
+
+  Args:
+    config: the student's config.
+    checkpoint: the teacher's run, checkpoints or step dir (default:
+      `codistill.teacher_checkpoint`).
   """
   cd = config.codistill
-  if cd.teacher_source != "peers":
-    if cd.teacher_model_name:
-      return cd.teacher_model_name, cd.teacher_model.to_dict()
-    run = (ckpt_lib.run_config_of(cd.teacher_checkpoint)
-           if cd.teacher_checkpoint and "://" not in cd.teacher_checkpoint
-           else None)
-    if run and run.get("model_name"):
-      # JSON has no tuples; the models' Sequence fields take tuples.
-      kwargs = {k: tuple(v) if isinstance(v, list) else v
-                for k, v in (run.get("model") or {}).items()}
-      return run["model_name"], kwargs
+  if cd.teacher_model_name:
+    return cd.teacher_model_name, cd.teacher_model.to_dict()
+  checkpoint = checkpoint or cd.teacher_checkpoint
+  run = (ckpt_lib.run_config_of(checkpoint)
+         if checkpoint and "://" not in checkpoint else None)
+  if run and run.get("model_name"):
+    # JSON has no tuples; the models' Sequence fields take tuples.
+    kwargs = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in (run.get("model") or {}).items()}
+    return run["model_name"], kwargs
   return config.model_name, config.model.to_dict()
 
 
-def teacher_model(config: ml_collections.ConfigDict, info) -> Any:
-  """The teacher's Flax module (see `teacher_spec`)."""
-  name, kwargs = teacher_spec(config)
+def teacher_model(config: ml_collections.ConfigDict, info,
+                  checkpoint: str = "") -> Any:
+  """The fixed teacher's Flax module (see `teacher_spec`)."""
+  name, kwargs = teacher_spec(config, checkpoint)
   return models_lib.build(name, kwargs, info)
 
 
@@ -134,6 +142,31 @@ def stacked(abstract: Any, n: int, dtype: Any, sharding) -> step_lib.Teachers:
 # ----------------------------------------------------------------------------
 # The distillation term and the jitted steps.
 # ----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What a group's train step is compiled for, as its teacher source says
+  (`teachers.layout`): the step's extra arguments and extra batch entries
+  are abstract (ShapeDtypeStructs on the group's mesh)."""
+  distills: bool = False  # Whether the step has a distillation term.
+  teacher: Any = None  # Flax module of in-process teachers; None: in batch.
+  args: tuple = ()  # Abstract extra step arguments, with shardings.
+  batch: dict = dataclasses.field(default_factory=dict)  # Extra batch keys.
+
+  @property
+  def precomputed(self) -> bool:
+    """Whether the targets arrive in `batch['teacher']`."""
+    return self.distills and self.teacher is None
+
+  @property
+  def arg_shardings(self) -> tuple:
+    return tuple(jax.tree.map(lambda a: a.sharding, a) for a in self.args)
+
+  @property
+  def num_teachers(self) -> int:
+    """Stacked teacher param sets the step takes (0 for targets in batch)."""
+    return sum(int(a.weights.shape[0]) for a in self.args)
+
+
 def sampled_head(config, setup: Setup, teacher) -> sampling.SampledHead:
   """The `sampling.SampledHead` of config.codistill.sampled.
 
@@ -174,7 +207,7 @@ def sampled_head(config, setup: Setup, teacher) -> sampling.SampledHead:
 
 def distill_term(config, setup: Setup, teacher: Any = None,
                  precomputed: bool = False):
-  """The distillation term of `config.codistill` (None: plain training).
+  """The distillation term of `config.codistill` (None: nothing to distil).
 
   Args:
     config: the experiment config.
@@ -202,17 +235,20 @@ def distill_term(config, setup: Setup, teacher: Any = None,
                            cd.temperature, binary)
 
 
-def jit_train_step(config, setup: Setup, term=None,
-                   arg_shardings: tuple = ()):
-  """A group's train step, jitted with its shardings (compiled on first use).
+def train_step(config, setup: Setup, layout: Layout = Layout()):
+  """THE train step of a group, jitted with its shardings (compiled on first
+  use): `step(state, batch, *layout.args) -> (state, metrics)`.
+
+  The trainer, compile_check and every experiment build their step here.
 
   Args:
     config: the experiment config.
     setup: the group's.
-    term: the distillation term (`distill_term`), or None.
-    arg_shardings: shardings of the step's extra arguments (the stacked
-      teachers of in-process distillation).
+    layout: what its teacher source feeds the step (`teachers.layout`); the
+      default is plain training.
   """
+  term = (distill_term(config, setup, layout.teacher, layout.precomputed)
+          if layout.distills else None)
   loss_fn = step_lib.make_loss_fn(losses.task_loss(config.loss))
   mesh = setup.mesh
   return jax.jit(
@@ -220,7 +256,7 @@ def jit_train_step(config, setup: Setup, term=None,
           setup.model.apply, loss_fn, setup.tx, setup.lr_fn, term,
           microbatches=config.microbatches)),
       in_shardings=(setup.state_sharding, mesh_lib.batch_sharding(mesh),
-                    *arg_shardings),
+                    *layout.arg_shardings),
       out_shardings=(setup.state_sharding, mesh_lib.replicated(mesh)),
       donate_argnums=(0,))
 

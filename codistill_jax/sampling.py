@@ -81,11 +81,7 @@ def check_config(config) -> None:
       "config.loss must be 'softmax_xent'" if config.loss != "softmax_xent"
       else "config.codistill.topk must be 0" if cd.topk
       else "config.codistill.divergence must be 'kl' or 'xent'"
-      if cd.divergence not in ("kl", "xent")
-      else "its teachers must run in this process (teacher_source 'peers' "
-      "or 'checkpoint'); the service and the target store send "
-      "probabilities, not hidden states: use config.codistill.topk"
-      if cd.teacher_source not in ("peers", "checkpoint") else None)
+      if cd.divergence not in ("kl", "xent") else None)
   if problem:
     raise ConfigError(f"{name}.num_samples={sm.num_samples}: {problem} (or set "
                       "num_samples=0)")

@@ -169,7 +169,7 @@ def write(config, teacher_path: str, out: str) -> dict:
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)
   mesh = mesh_lib.make_mesh(jax.devices())
-  teacher = build.teacher_model(config, datasets.info)
+  teacher = build.teacher_model(config, datasets.info, teacher_path)
   example = build.example_inputs(next(iter(datasets.train(0))))
   repl = mesh_lib.replicated(mesh)
   params = ckpt_lib.restore_params(
@@ -200,7 +200,7 @@ def write(config, teacher_path: str, out: str) -> dict:
     for a in arrays.values():
       a.flush()
     step_dir = ckpt_lib.find_step_dir(teacher_path, "--teacher")
-    name, kwargs = build.teacher_spec(config)
+    name, kwargs = build.teacher_spec(config, teacher_path)
     manifest = {
         "version": FORMAT_VERSION,
         "format": fmt,

@@ -1,24 +1,37 @@
 """Where a group's teachers come from: one small protocol, one class per source.
 
-`config.codistill.teacher_source` picks the class (`SOURCES`). The trainer
-holds one source per group and calls each hook once per phase:
+`config.codistill.teacher_source` (and, for peers, `codistill.method` and
+`num_groups`) picks the class: `source_class(config)`. This module is the only
+place that asks which source a config has; everything else (the trainer,
+`tools/compile_check`, the service, the target store) goes through the
+protocol. Each class declares:
 
-  layout(config, setup, batch)  (classmethod) what the step is compiled for:
-                  the teachers' model (None when targets arrive in the
-                  batch), the step's extra arguments and extra batch entries,
-                  as ShapeDtypeStructs on the group's mesh; `compile_check`
-                  uses it without building a source.
+  publishes       whether its groups publish their params on shared storage
+                  every exchange (peers read them)
+  shared_init     whether every group starts from the same params (group 0's)
+  distills        whether the train step has a distillation term
+  check_config(config)  (classmethod) the rules for the fields it uses
+  layout(config, setup, batch)  (classmethod) what the step is compiled
+                  for (`build.Layout`): the teachers' model (None when
+                  targets arrive in the batch), the step's extra arguments
+                  and extra batch entries, as ShapeDtypeStructs on the group's
+                  mesh; `compile_check` uses it without making a source
+
+and, made from a `Context` (`Sources.make`), the hooks the loop calls once
+per phase:
+
   wrap(batches)   the group's batch stream (the service and the store add
                   `batch['teacher']`).
   step_args(step) the extra arguments of the update from `step` (stacked
                   `Teachers`).
-  share(step, params)   after every group's step: publish own params (peers).
-  refresh(step)   after every group shared: pick up new teachers (peers).
+  share(step, params)   after every group's step: publish own params.
+  refresh(step)   after every group shared: pick up new teachers.
+  update(step, state)   after every group refreshed: the group's new state
+                  (parameter averaging sets the averaged params).
   metrics(step)   scalars for the log at a log step.
   close()
 
-  update(step, state)   after every group refreshed: the group's new state
-                  (parameter averaging sets the averaged params).
+The sources:
 
   NoTeachers      plain training (one group, or nothing to distil from).
   Peers           codistillation: the other groups' newest committed params
@@ -30,8 +43,8 @@ holds one source per group and calls each hook once per phase:
   FromService     the same teacher served by a pool of Ray workers
                   (EDL-Dist; the `service` extra).
   FromStore       the teacher's targets written once by
-                  `python -m codistill_jax.tools.store_targets`; the teacher never
-                  runs in training.
+                  `python -m codistill_jax.tools.store_targets`; the teacher
+                  never runs in training.
 
 A new source is one class here and an entry in `SOURCES`.
 """
@@ -54,6 +67,7 @@ from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import config_lib
 from codistill_jax import exchange
 from codistill_jax import mesh as mesh_lib
+from codistill_jax import models
 from codistill_jax import step as step_lib
 from codistill_jax import storage as storage_lib
 from codistill_jax.errors import ConfigError
@@ -61,29 +75,35 @@ from codistill_jax.errors import ConfigError
 TEACHER_DTYPES = ("float32", "bfloat16")
 
 
+Layout = build.Layout
+
+
 @dataclasses.dataclass(frozen=True)
-class Layout:
-  """What a group's train step is compiled for, given its teacher source."""
-  distills: bool = False  # Whether the step has a distillation term.
-  teacher: Any = None  # Flax module of in-process teachers; None: in batch.
-  args: tuple = ()  # Abstract extra step arguments, with shardings.
-  batch: dict = dataclasses.field(default_factory=dict)  # Extra batch keys.
-
-  @property
-  def arg_shardings(self) -> tuple:
-    return tuple(jax.tree.map(lambda a: a.sharding, a) for a in self.args)
-
-  @property
-  def num_teachers(self) -> int:
-    """Stacked teacher param sets the step takes (0 for targets in batch)."""
-    return sum(int(a.weights.shape[0]) for a in self.args)
+class Context:
+  """What a group's source is made from (`Sources.make`). Reads only."""
+  config: Any
+  group: int
+  setup: build.Setup
+  datasets: Any
+  params: Any  # The group's initial (or resumed) params.
+  storage: Any  # The job's `storage.Storage`.
+  total_steps: int
+  shared: dict  # What one job's sources share (the teacher service).
 
 
 class Source:
   """The protocol, with the hooks' do-nothing defaults."""
 
-  # Whether every group starts from the same params (group 0's seed).
+  publishes = False
   shared_init = False
+  distills = False
+
+  def __init__(self, ctx: Context):
+    del ctx
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    del config
 
   @classmethod
   def layout(cls, config, setup: build.Setup, batch: dict) -> Layout:
@@ -134,10 +154,15 @@ class Peers(Source):
   behind waits for it at the exchange, up to `peer_timeout_s`.
   """
 
-  def __init__(self, config, *, group: int, setup: build.Setup, storage,
-               total_steps: int, params: Any, dtype: Any = None):
-    cd = config.codistill
-    self.group, self.storage, self.total = group, storage, total_steps
+  publishes = True
+  distills = True
+  # The dtype teachers are held in (None: config.codistill.teacher_dtype).
+  dtype = None
+
+  def __init__(self, ctx: Context):
+    cd, group, storage = ctx.config.codistill, ctx.group, ctx.storage
+    setup, params = ctx.setup, ctx.params
+    self.group, self.storage, self.total = group, storage, ctx.total_steps
     self.every, self.blocking = cd.exchange_every, cd.exchange_blocking
     self.max_staleness, self.peer_timeout_s = (cd.max_staleness,
                                                cd.peer_timeout_s)
@@ -146,7 +171,7 @@ class Peers(Source):
     peers = [h for h in range(cd.num_groups) if h != group]
     self.reader = exchange.PeerReader(storage.run_dir, peers,
                                       setup.abstract.params,
-                                      dtype or cd.teacher_dtype,
+                                      self.dtype or cd.teacher_dtype,
                                       run=storage.run)
     # A resumed group picks up what its peers published; with the blocking
     # exchange before its first step, so that a resumed run is exact.
@@ -278,11 +303,12 @@ class Averaging(Peers):
   """
 
   shared_init = True
+  distills = False
+  dtype = jnp.float32  # The average is of the full-precision params.
 
-  def __init__(self, config, *, group, setup, storage, total_steps, params):
-    super().__init__(config, group=group, setup=setup, storage=storage,
-                     total_steps=total_steps, params=params,
-                     dtype=jnp.float32)
+  def __init__(self, ctx: Context):
+    super().__init__(ctx)
+    config, setup = ctx.config, ctx.setup
     self.synchronous = config.codistill.averaging.synchronous
     if self.synchronous:  # Wait until every peer has published this step.
       self.max_staleness = self.every - 1
@@ -364,7 +390,10 @@ class FromCheckpoint(Source):
   onto the group's mesh, replicated, and cast to `teacher_dtype`.
   """
 
-  def __init__(self, config, *, setup: build.Setup):
+  distills = True
+
+  def __init__(self, ctx: Context):
+    config, setup = ctx.config, ctx.setup
     cd = config.codistill
     teacher = build.teacher_model(config, setup.info)
     repl = mesh_lib.replicated(setup.mesh)
@@ -385,6 +414,16 @@ class FromCheckpoint(Source):
             jnp.ones((1,), jnp.float32)), out_shardings=repl)(params)
 
   @classmethod
+  def check_config(cls, config):
+    cd = config.codistill
+    _need_teacher_checkpoint(config)
+    if cd.sampled.num_samples and cd.teacher_model_name:
+      # Sampled distillation reaches into the teacher's output layer too.
+      models.check_sampled_head(cd.teacher_model_name,
+                                "config.codistill.teacher_model_name",
+                                cd.sampled.num_samples)
+
+  @classmethod
   def layout(cls, config, setup, batch):
     del batch
     # The checkpoint is not read: its architecture's shapes are what count.
@@ -399,37 +438,64 @@ class FromCheckpoint(Source):
     return (self.teachers,)
 
 
-def precomputed_layout(config, setup: build.Setup, batch: dict) -> Layout:
-  """The step of targets in `batch['teacher']`: dense probs or top-k."""
-  logits = jax.eval_shape(
-      lambda p, x: setup.model.apply(p, x, train=False),
-      setup.abstract.params, batch["inputs"])
-  sharding = mesh_lib.batch_sharding(setup.mesh)
-  k = config.codistill.topk
-  if not k:
-    shapes = {"probs": (logits.shape, jnp.float32)}
-  else:
-    shape = (*logits.shape[:-1], k)
-    shapes = {"topk_ids": (shape, jnp.int32),
-              "topk_probs": (shape, jnp.float32)}
-  return Layout(distills=True, batch={"teacher": {
-      name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-      for name, (shape, dtype) in shapes.items()}})
+# ----------------------------------------------------------------------------
+# Targets in the batch: the service and the store.
+# ----------------------------------------------------------------------------
+class Targets(Source):
+  """A teacher's targets arrive in `batch['teacher']` (dense probabilities
+  or top-k); the teacher never runs in the step."""
+
+  distills = True
+
+  @classmethod
+  def check_config(cls, config):
+    cd, name = config.codistill, cls.describe
+    if cd.divergence not in ("kl", "xent"):
+      raise ConfigError(f"config.codistill.divergence={cd.divergence!r}: the "
+                        f"{name} sends probabilities, not logits; use 'kl' or "
+                        "'xent'")
+    if cd.sampled.num_samples:
+      raise ConfigError(
+          f"config.codistill.sampled.num_samples={cd.sampled.num_samples}: "
+          f"the {name} sends probabilities, not the teacher's hidden states; "
+          "sampled distillation needs its teachers in this process "
+          "(teacher_source 'peers' or 'checkpoint'); use "
+          "config.codistill.topk (or set num_samples=0)")
+
+  @classmethod
+  def layout(cls, config, setup, batch):
+    """The step of targets in `batch['teacher']`: dense probs or top-k."""
+    logits = jax.eval_shape(
+        lambda p, x: setup.model.apply(p, x, train=False),
+        setup.abstract.params, batch["inputs"])
+    sharding = mesh_lib.batch_sharding(setup.mesh)
+    k = config.codistill.topk
+    if not k:
+      shapes = {"probs": (logits.shape, jnp.float32)}
+    else:
+      shape = (*logits.shape[:-1], k)
+      shapes = {"topk_ids": (shape, jnp.int32),
+                "topk_probs": (shape, jnp.float32)}
+    return Layout(distills=True, batch={"teacher": {
+        name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+        for name, (shape, dtype) in shapes.items()}})
 
 
 # ----------------------------------------------------------------------------
 # The teacher service (EDL-Dist).
 # ----------------------------------------------------------------------------
-class FromService(Source):
+class FromService(Targets):
   """Targets from a pool of Ray workers serving the teacher checkpoint.
 
-  One service per job, shared by its groups (`Sources`); each group's
-  batches go through its own ordered, retrying `service.TargetReader`.
+  One service per job, shared by its groups (`Context.shared`); each
+  group's batches go through its own ordered, retrying
+  `service.TargetReader`.
   """
 
-  def __init__(self, config, *, setup: build.Setup, shared: dict,
-               example_batch: dict):
-    if "service" not in shared:
+  describe = "teacher service"
+
+  def __init__(self, ctx: Context):
+    if "service" not in ctx.shared:
       # Ray is an optional extra: imported only for this source.
       try:
         from codistill_jax import service  # pylint: disable=g-import-not-at-top
@@ -438,13 +504,22 @@ class FromService(Source):
           raise
         raise ConfigError("config.codistill.teacher_source='service' needs "
                           "Ray: pip install -e .[service]") from None
-      shared["service"] = service.start(config, setup.info, example_batch)
-    self.service = shared["service"]
+      ctx.shared["service"] = service.start(
+          ctx.config, ctx.setup.info, next(iter(ctx.datasets.train(0))))
+    self.service = ctx.shared["service"]
     self.reader = None
 
   @classmethod
-  def layout(cls, config, setup, batch):
-    return precomputed_layout(config, setup, batch)
+  def check_config(cls, config):
+    super().check_config(config)
+    _need_teacher_checkpoint(config)
+    if importlib.util.find_spec("ray") is None:
+      raise ConfigError("config.codistill.teacher_source='service' needs "
+                        "Ray: pip install -e .[service]")
+    # pylint: disable-next=g-import-not-at-top
+    from codistill_jax.service import reader  # Ray is there (checked above).
+    config_lib.check_choice(config, "codistill.service.no_worker",
+                            reader.NO_WORKER_POLICIES)
 
   def wrap(self, batches):
     self.reader = self.service.reader(batches)
@@ -462,22 +537,34 @@ class FromService(Source):
 # ----------------------------------------------------------------------------
 # Stored targets.
 # ----------------------------------------------------------------------------
-class FromStore(Source):
-  """Targets written once by `codistill_jax.tools.store_targets`, read by example id.
+class FromStore(Targets):
+  """Targets written once by `codistill_jax.tools.store_targets`, read by
+  example id.
 
   Each batch's rows are looked up by their 'index' in the training split, so
   any group, shard or resumed step reads the targets of its own examples.
   """
 
-  def __init__(self, config, *, datasets):
+  describe = "target store"
+
+  def __init__(self, ctx: Context):
     from codistill_jax import target_store  # pylint: disable=g-import-not-at-top
+    config = ctx.config
     self.store = target_store.TargetStore(config.codistill.stored_targets)
-    self.store.check(config, datasets)
+    self.store.check(config, ctx.datasets)
     self.looked_up = 0
 
   @classmethod
-  def layout(cls, config, setup, batch):
-    return precomputed_layout(config, setup, batch)
+  def check_config(cls, config):
+    super().check_config(config)
+    cd = config.codistill
+    if not cd.stored_targets:
+      raise ConfigError("config.codistill.teacher_source='stored' needs "
+                        "config.codistill.stored_targets=<dir written by "
+                        "python -m codistill_jax.tools.store_targets>")
+    if not os.path.isdir(cd.stored_targets):
+      raise ConfigError(f"config.codistill.stored_targets="
+                        f"{cd.stored_targets}: no such directory")
 
   def wrap(self, batches):
     for batch in batches:
@@ -495,13 +582,18 @@ METHODS = ("distill", "average")  # config.codistill.method.
 
 
 def source_class(config) -> type[Source]:
-  """The class of a group's source (one group of peers has none)."""
+  """The class of a group's source: the one place that reads which."""
   cd = config.codistill
-  if cd.teacher_source == "peers" and cd.num_groups == 1:
-    return NoTeachers
-  if averaging.enabled(config):
-    return Averaging
+  if cd.teacher_source == "peers":
+    if cd.num_groups == 1:
+      return NoTeachers
+    return Averaging if cd.method == "average" else Peers
   return SOURCES[cd.teacher_source]
+
+
+def layout(config, setup: build.Setup, batch: dict) -> Layout:
+  """What a group's train step takes under `config`'s source (no reads)."""
+  return source_class(config).layout(config, setup, batch)
 
 
 class Sources:
@@ -510,32 +602,21 @@ class Sources:
   def __init__(self, config, storage, total_steps: int):
     self.config, self.storage, self.total = config, storage, total_steps
     self.cls = source_class(config)
+    self.publishes = self.cls.publishes  # Whether groups publish params.
+    self.shared_init = self.cls.shared_init  # Whether they start alike.
     self._shared: dict[str, Any] = {}
     self._made: list[Source] = []
 
-  @property
-  def publishes(self) -> bool:
-    """Whether the groups publish params for peers."""
-    return issubclass(self.cls, Peers)
+  def layout(self, setup: build.Setup, batch: dict) -> Layout:
+    return self.cls.layout(self.config, setup, batch)
 
   def make(self, group: int, setup: build.Setup, datasets, params: Any):
     """Group `group`'s source, for its initial `params`.
 
     Reads only: nothing is written here.
     """
-    cls, config = self.cls, self.config
-    if issubclass(cls, Peers):
-      source = cls(config, group=group, setup=setup, storage=self.storage,
-                   total_steps=self.total, params=params)
-    elif cls is FromCheckpoint:
-      source = FromCheckpoint(config, setup=setup)
-    elif cls is FromService:
-      source = FromService(config, setup=setup, shared=self._shared,
-                           example_batch=next(iter(datasets.train(0))))
-    elif cls is FromStore:
-      source = FromStore(config, datasets=datasets)
-    else:
-      source = cls()
+    source = self.cls(Context(self.config, group, setup, datasets, params,
+                              self.storage, self.total, self._shared))
     self._made.append(source)
     return source
 
@@ -550,7 +631,8 @@ class Sources:
 # Validation of config.codistill's teacher fields.
 # ----------------------------------------------------------------------------
 def check_config(config) -> None:
-  """teacher_source, teacher_dtype and what the chosen source needs."""
+  """teacher_source, method, the exchange, and what the chosen source needs
+  (its own `check_config`)."""
   cd = config.codistill
   config_lib.check_choice(config, "codistill.teacher_source", SOURCES)
   config_lib.check_choice(config, "codistill.method", METHODS)
@@ -575,45 +657,22 @@ def check_config(config) -> None:
                       f"{cd.exchange_every}: a teacher is that old just "
                       "before each exchange anyway; use at least "
                       f"{cd.exchange_every} (or 0 for no bound)")
-  distils = source_class(config) not in (NoTeachers, Averaging) and (
-      cd.alpha > 0)
-  if distils and cd.burn_in_steps >= config.total_steps:
+  cls = source_class(config)
+  if cls.distills and cd.alpha > 0 and cd.burn_in_steps >= config.total_steps:
     raise ConfigError(f"config.codistill.burn_in_steps={cd.burn_in_steps} is "
                       f"not shorter than config.total_steps="
                       f"{config.total_steps}: alpha would stay 0 and nothing "
                       "would be distilled; use a shorter burn-in")
-  if cd.teacher_source in ("checkpoint", "service"):
-    if not cd.teacher_checkpoint:
-      raise ConfigError(f"config.codistill.teacher_source="
-                        f"{cd.teacher_source!r} needs "
-                        "config.codistill.teacher_checkpoint=<run dir>")
   if cd.teacher_checkpoint and "://" not in cd.teacher_checkpoint and (
       not os.path.exists(cd.teacher_checkpoint)):
     raise ConfigError(f"config.codistill.teacher_checkpoint="
                       f"{cd.teacher_checkpoint}: no such directory")
-  if cd.teacher_source == "service":
-    _check_service(config)
-  if cd.teacher_source == "stored":
-    if not cd.stored_targets:
-      raise ConfigError("config.codistill.teacher_source='stored' needs "
-                        "config.codistill.stored_targets=<dir written by "
-                        "python -m codistill_jax.tools.store_targets>")
-    if not os.path.isdir(cd.stored_targets):
-      raise ConfigError(f"config.codistill.stored_targets="
-                        f"{cd.stored_targets}: no such directory")
-  if cd.teacher_source in ("service", "stored") and (
-      cd.divergence not in ("kl", "xent")):
-    raise ConfigError(f"config.codistill.divergence={cd.divergence!r}: the "
-                      f"{cd.teacher_source} sends probabilities, not logits; "
-                      "use 'kl' or 'xent'")
+  cls.check_config(config)
 
 
-def _check_service(config) -> None:
-  """config.codistill.service (its numeric ranges are in config_lib)."""
-  if importlib.util.find_spec("ray") is None:
-    raise ConfigError("config.codistill.teacher_source='service' needs Ray: "
-                      "pip install -e .[service]")
-  # pylint: disable-next=g-import-not-at-top
-  from codistill_jax.service import reader  # Ray is there (checked above).
-  config_lib.check_choice(config, "codistill.service.no_worker",
-                          reader.NO_WORKER_POLICIES)
+def _need_teacher_checkpoint(config) -> None:
+  cd = config.codistill
+  if not cd.teacher_checkpoint:
+    raise ConfigError(f"config.codistill.teacher_source="
+                      f"{cd.teacher_source!r} needs "
+                      "config.codistill.teacher_checkpoint=<run dir>")

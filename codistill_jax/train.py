@@ -136,7 +136,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       seed = jax.random.PRNGKey(config.seed)
       init = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)
       state = init(jax.random.fold_in(seed, g))
-      if sources.cls.shared_init and g:
+      if sources.shared_init and g:
         state = state.replace(params=init(jax.random.fold_in(seed, 0)).params)
       if config.init_checkpoint:
         state = state.replace(params=ckpt_lib.restore_params(
@@ -144,12 +144,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         logging.info("group %d: params from %s", g, config.init_checkpoint)
 
     example = next(iter(datasets.train(0)))
-    layout = sources.cls.layout(config, setup, example)
-    term = build.distill_term(config, setup, layout.teacher,
-                              precomputed=layout.distills and
-                              layout.teacher is None)
-    train_step = build.jit_train_step(config, setup, term,
-                                      layout.arg_shardings)
+    layout = sources.layout(setup, example)
+    train_step = build.train_step(config, setup, layout)
     if not run:  # Every group's step has the same shapes: count once.
       unit, per_step = perf.describe(example)
       # The model's own count where it has one, else XLA's.

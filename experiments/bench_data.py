@@ -62,7 +62,7 @@ def measure(name: str) -> dict:
 
   # The step alone, on one device, fed the same batch over and over.
   setup = build.build(config, datasets, mesh)
-  step = build.jit_train_step(config, setup)
+  step = build.train_step(config, setup)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(
       jax.random.PRNGKey(0))
   batch = mesh_lib.shard_batch(next(iter(datasets.train(0))), sharding)

@@ -5,8 +5,8 @@ fits is the last row without an error) one group's train step runs on one
 device twice, side by side in one process: the plain step, and the
 codistillation step with G - 1 stacked peer teachers in
 `config.codistill.teacher_dtype` (bf16 in the LM configs) whose forward runs
-inside it. Both are the trainer's own jitted steps (`build.jit_train_step`,
-the teacher layout of `teachers.Peers`), with bf16 compute and f32 master
+inside it. Both are the trainer's own jitted steps (`build.train_step`,
+the teacher layout of `teachers.layout`: G - 1 stacked peers), with bf16 compute and f32 master
 params as the configs say, and distillation on from step 0. Per step: the
 measured median time, tokens/s, MFU against the device's peak
 (`perf.peak_flops`: the bf16 table for GPUs and TPUs, a measured matmul peak
@@ -72,11 +72,9 @@ def bench(size: str) -> dict:
   example = next(iter(datasets.train(0)))
   batch = mesh_lib.shard_batch(example, mesh_lib.batch_sharding(mesh))
   init = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)
-  layout = teachers_lib.Peers.layout(config, setup, example)
-  codistill = build.jit_train_step(
-      config, setup, build.distill_term(config, setup, layout.teacher),
-      layout.arg_shardings)
-  baseline = build.jit_train_step(config, setup)
+  layout = teachers_lib.layout(config, setup, example)  # G - 1 peers.
+  codistill = build.train_step(config, setup, layout)
+  baseline = build.train_step(config, setup)
   params = init(jax.random.PRNGKey(1)).params
   dtype = jnp.dtype(config.codistill.teacher_dtype)
   peers = jax.device_put(step_lib.Teachers(

@@ -7,7 +7,7 @@ off, so only the loop differs), alternately for `--rounds`:
   trainer  `python -m codistill_jax.main` (metrics, logging, prefetch, the
            preemption check, checkpoints at the end): the median of its
            logged steps/s over the log windows after the first two;
-  plain    the loop a user writes around the same `build.jit_train_step`:
+  plain    the loop a user writes around the same `build.train_step`:
            batch = shard(next(it)); state, m = step(state, batch, *teachers),
            timed over the same steps after the same warm-up, in its own
            process.
@@ -104,25 +104,25 @@ def plain_loop(groups: int, steps: int) -> float:
     datasets = module.get_datasets(config, group=g, num_groups=groups,
                                    process_index=0, process_count=1)
     setup = build.build(config, datasets, mesh)
-    layout = teachers_lib.source_class(config).layout(
-        config, setup, next(iter(datasets.train(0))))
-    step = build.jit_train_step(
-        config, setup, build.distill_term(config, setup, layout.teacher),
-        layout.arg_shardings)
-    args = tuple(jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype,
-                                                        device=a.sharding),
-                              a) for a in layout.args)
+    layout = teachers_lib.layout(config, setup,
+                                 next(iter(datasets.train(0))))
+    step = build.train_step(config, setup, layout)
+    zeros = lambda tree: jax.tree.map(
+        lambda a: jax.numpy.zeros(a.shape, a.dtype, device=a.sharding), tree)
+    # Stacked teachers as arguments, or targets in the batch (a service or
+    # a store would fill them in; zeros cost the step the same).
+    args, extra = tuple(zeros(a) for a in layout.args), zeros(layout.batch)
     state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(
         jax.random.PRNGKey(g))
     runs.append([step, state, iter(datasets.train(0)), args,
-                 mesh_lib.batch_sharding(mesh)])
+                 mesh_lib.batch_sharding(mesh), extra])
   t = None
   for i in range(steps):
     if i == WARMUP:
       jax.block_until_ready([r[1] for r in runs])
       t = time.perf_counter()
     for r in runs:
-      batch = mesh_lib.shard_batch(next(r[2]), r[4])
+      batch = {**mesh_lib.shard_batch(next(r[2]), r[4]), **r[5]}
       r[1], _ = r[0](r[1], batch, *r[3])
   jax.block_until_ready([r[1] for r in runs])
   return (steps - WARMUP) / (time.perf_counter() - t)

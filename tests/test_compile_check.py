@@ -376,3 +376,19 @@ def test_tpu_table_rows_ratios_and_sampled_cut(tmp_path):
   assert one_pod["per_step"] == one["per_step"] == 2 * two_pod["per_step"]
   assert two_pod["pod_batch"] and two_pod["over_one_group"] == pytest.approx(
       two_pod["step_s_whole"] / one_pod["step_s_whole"])
+
+
+@pytest.mark.parametrize("method", ["distill", "average"])
+def test_every_source_that_publishes_reports_its_bytes(small_data, method):
+  # Parameter averaging publishes its params every exchange like
+  # codistillation does; the report once said 0 bytes for it.
+  config = quick("flights", small_data)
+  config.codistill.method = method
+  report = compile_check.check(config, jax.devices()[:4])
+  assert report.publish_bytes == 4 * report.params  # float32 params.
+
+
+def test_a_source_that_does_not_publish_reports_no_bytes(small_data):
+  config = quick("flights", small_data, groups=1)
+  report = compile_check.check(config, jax.devices()[:4])
+  assert report.publish_bytes == 0

@@ -17,6 +17,7 @@ import pytest
 from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import models as models_lib
+from codistill_jax import validate
 from codistill_jax.errors import ConfigError
 from tests.test_train import ROOT
 
@@ -78,7 +79,7 @@ def test_every_range_is_enforced_naming_the_field(path, arg):
                    else bad)
       config_lib.apply_overrides(config, {field: bad_value})
       with pytest.raises(ConfigError, match=rf"config\.{field}=") as e:
-        config_lib.validate(config, num_devices=1, num_groups_here=1)
+        validate.validate(config, num_devices=1, num_groups_here=1)
       assert "\n" not in str(e.value)
       checked += 1
   assert checked >= 20

@@ -140,3 +140,28 @@ def test_target_store_command(tmp_path):
                          text=True, timeout=300)
   assert again.returncode == 2
   assert again.stderr.strip().splitlines()[-1].startswith("error: --out=")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("named", [True, False])
+def test_a_store_is_written_by_the_teachers_architecture(tmp_path, named):
+  """With the default teacher_source ('peers'), `store_targets` once ran
+  the teacher as the student's architecture, ignoring teacher_model_name
+  and the teacher run's own config (a checkpoint of a wider teacher could
+  not even be restored)."""
+  teacher = load_config("flights")
+  teacher.model.hidden_sizes, teacher.total_steps = (48, 16), 2
+  teacher_dir = str(tmp_path / "wide_teacher")
+  train.train_and_evaluate(teacher, teacher_dir)
+  config = load_config("flights")  # The student: hidden_sizes (32,).
+  assert config.codistill.teacher_source == "peers"
+  if named:
+    config.codistill.teacher_model_name = "ctr_mlp"
+    with config.codistill.teacher_model.ignore_type():
+      config.codistill.teacher_model.update(
+          load_config("flights").model.to_dict())
+      config.codistill.teacher_model.hidden_sizes = (48, 16)
+  manifest = target_store.write(config, teacher_dir, str(tmp_path / "store"))
+  assert manifest["teacher"]["model_name"] == "ctr_mlp"
+  assert tuple(manifest["teacher"]["model_kwargs"]["hidden_sizes"]) == (48,
+                                                                        16)

@@ -62,19 +62,20 @@ def check_config(config) -> None:
   if cd.teacher_model_name:  # (teacher_model counts only with a name.)
     check_kwargs(cd.teacher_model_name, cd.teacher_model,
                  "config.codistill.teacher_model")
-  k = cd.sampled.num_samples
-  if k:  # Sampled distillation reaches into both models' output layers.
-    named = [("config.model_name", config.model_name)]
-    if cd.teacher_source == "checkpoint" and cd.teacher_model_name:
-      named.append(("config.codistill.teacher_model_name",
-                    cd.teacher_model_name))
-    for field, name in named:
-      cls = get_module(name, field).Model
-      if not (hasattr(cls, "hidden") and hasattr(cls, "output_embedding")):
-        raise ConfigError(f"config.codistill.sampled.num_samples={k}: "
-                          f"{field}={name!r} exposes no hidden/"
-                          "output_embedding (a sampled output layer); use "
-                          "num_samples=0")
+  if cd.sampled.num_samples:  # Sampled distillation reaches into the
+    # student's output layer (a fixed teacher's is its source's check).
+    check_sampled_head(config.model_name, "config.model_name",
+                       cd.sampled.num_samples)
+
+
+def check_sampled_head(name: str, field: str, num_samples: int) -> None:
+  """Model `name` exposes `hidden` and `output_embedding` (a sampled output
+  layer), as sampled distillation with K = `num_samples` needs."""
+  cls = get_module(name, field).Model
+  if not (hasattr(cls, "hidden") and hasattr(cls, "output_embedding")):
+    raise ConfigError(f"config.codistill.sampled.num_samples={num_samples}: "
+                      f"{field}={name!r} exposes no hidden/output_embedding "
+                      "(a sampled output layer); use num_samples=0")
 
 
 def check_length(model: str, length: int, max_len: int) -> None:

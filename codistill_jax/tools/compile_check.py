@@ -11,7 +11,7 @@ flops. A pod run that will not fit fails here, in seconds, on a CPU.
 
 The state is built exactly as the trainer builds it (`build.build`:
 `jax.eval_shape` + the config's sharding rules) and the step is the trainer's
-own jitted function (`build.jit_train_step`, with the teacher source's
+own jitted function (`build.train_step`, with the teacher source's
 `layout`), lowered with `ShapeDtypeStruct`s instead of arrays. The data module
 is asked for one batch (shapes only matter) and the dataset's sizes
 (vocabulary, classes), so the data must be readable where the check runs.
@@ -241,13 +241,11 @@ def check(config, devices=None, storage_bandwidth: float = 1e9,
   example = next(iter(datasets.train(0)))
   # The teacher source says what the step takes: stacked teachers (peers,
   # checkpoint) or targets in the batch (service, stored). Nothing is read.
-  layout = teachers.source_class(config).layout(config, setup, example)
+  source = teachers.source_class(config)
+  layout = source.layout(config, setup, example)
   batch = {**build.with_shardings(example, mesh_lib.batch_sharding(mesh)),
            **layout.batch}
-  term = build.distill_term(config, setup, layout.teacher,
-                            precomputed=layout.distills and
-                            layout.teacher is None)
-  step_fn = build.jit_train_step(config, setup, term, layout.arg_shardings)
+  step_fn = build.train_step(config, setup, layout)
   t = time.perf_counter()
   try:
     compiled = step_fn.lower(setup.abstract, batch, *layout.args).compile(
@@ -295,8 +293,7 @@ def check(config, devices=None, storage_bandwidth: float = 1e9,
       peak_flops=perf.peak_flops(device) if device.platform != "cpu" else 0.0,
       hbm_bytes=perf.hbm_bytes(device),
       publish_bytes=(sum(x.size * x.dtype.itemsize for x in params)
-                     if teachers.source_class(config) is teachers.Peers
-                     else 0),
+                     if source.publishes else 0),
       storage_bandwidth=storage_bandwidth,
       scanned=bool(getattr(setup.model, "scan_layers", False)))
 

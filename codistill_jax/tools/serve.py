@@ -31,12 +31,19 @@ _STOP = flags.DEFINE_bool("stop", False,
 
 
 def serve(config, stop: bool = False) -> list[str]:
-  """Starts (or stops) the workers; returns their names."""
+  """Starts (or stops) the workers; returns their names.
+
+  The config is a student's: its fixed-teacher fields (teacher_checkpoint,
+  teacher model, temperature, topk, teacher_dtype) and `codistill.service`
+  say what the workers serve, checked as for a student of the service
+  whatever its own `teacher_source`.
+  """
+  config = config.copy_and_resolve_references()
+  config.codistill.teacher_source = "service"
   validate.validate(config, num_devices=1)
   s = config.codistill.service
-  if config.codistill.teacher_source != "service" or not s.address:
-    raise ConfigError("serve needs config.codistill.teacher_source=service "
-                      "and config.codistill.service.address=<running "
+  if not s.address:
+    raise ConfigError("serve needs config.codistill.service.address=<running "
                       "cluster>; '' would start a cluster that ends with "
                       "this command")
   datasets = data_lib.get_module(config.data.name).get_datasets(
