@@ -1,6 +1,7 @@
-"""The README's command blocks run as written, so the README cannot drift.
+"""The README's and docs/'s code blocks run as written, so they cannot drift.
 
-Every ```bash block is preceded by a marker saying how the test treats it:
+Every ```bash and ```python block of README.md and docs/*.md is preceded by a
+marker saying how the test treats it:
 
   <!-- readme-test: run -->             run as written
   <!-- readme-test: quick -->           run with each `--config=configs/x.py`
@@ -10,13 +11,22 @@ Every ```bash block is preceded by a marker saying how the test treats it:
                                         of DATA.md (a path) or an optional
                                         module (a name: libtpu) is missing
 
-Blocks run in order in one shell each, with `/tmp/` pointing into the test's
-own temporary directory (so a later block finds an earlier one's run). Their
-`pip install` steps are checked against setup.py's extras rather than run
-again (CI installs the package first). ```python blocks are executed too.
+```text blocks (diagrams, printed output) are not code and need none; a fence
+of any other language, or of none, fails the test.
+
+Each block is one test, named by its file and line (`README.md:26`,
+`docs/scale.md:40`), so `-k docs/scale.md` runs one page. The blocks of one
+file share a temporary directory that `/tmp/` points into, and a bash block
+first runs the earlier bash blocks of its file that have not run yet in this
+session (so a later block finds an earlier one's run, also when selected
+alone); files do not share runs. Their `pip install` steps are checked
+against setup.py's extras rather than run again (CI installs the package
+first). Bash blocks are `slow`; python blocks run alone, without /tmp
+rewriting, and are in the quick subset.
 """
 
 import ast
+import glob
 import importlib.util
 import os
 import re
@@ -28,19 +38,41 @@ import pytest
 from tests.test_train import ROOT
 
 README = os.path.join(ROOT, "README.md")
-_BLOCK = re.compile(r"```(\w+)\n(.*?)```", re.S)
+DOCS = os.path.join(ROOT, "docs")
+_FENCE = re.compile(r"^```(.*)$")
 _MARK = re.compile(r"<!-- readme-test: (.*?) -->\s*$")
+_CODE = ("bash", "python")
 
 
-def blocks():
-  """[(language, directive or None, code, line)] of every fenced block."""
-  text = open(README).read()
-  out = []
-  for m in _BLOCK.finditer(text):
-    before = text[:m.start()].rstrip("\n").rsplit("\n", 1)[-1]
-    mark = _MARK.match(before)
-    out.append((m.group(1), mark.group(1) if mark else None, m.group(2),
-                text[:m.start()].count("\n") + 1))
+def doc_files() -> list[str]:
+  """README.md, then docs/*.md, as paths relative to the repository root."""
+  return ["README.md"] + sorted(
+      os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(DOCS, "*.md")))
+
+
+def blocks(doc: str = "README.md"):
+  """[(language, directive or None, code, line)] of every fenced block.
+
+  `line` is the 1-based line of the opening fence; the directive is the
+  marker on the last non-blank line before it.
+  """
+  lines = open(os.path.join(ROOT, doc)).read().split("\n")
+  out, i = [], 0
+  while i < len(lines):
+    m = _FENCE.match(lines[i])
+    if not m:
+      i += 1
+      continue
+    start = i
+    prev = next((l for l in reversed(lines[:start]) if l.strip()), "")
+    mark = _MARK.match(prev)
+    i += 1
+    while i < len(lines) and lines[i].rstrip() != "```":
+      i += 1
+    assert i < len(lines), f"{doc}:{start + 1}: unclosed code fence"
+    out.append((m.group(1).strip(), mark.group(1) if mark else None,
+                "\n".join(lines[start + 1:i]) + "\n", start + 1))
+    i += 1
   return out
 
 
@@ -52,7 +84,7 @@ def _extras() -> set[str]:
   return set()
 
 
-def _without_installs(code: str, line: int) -> str:
+def _without_installs(code: str, where: str) -> str:
   """Drops `pip install ...` steps, checking the extras they name exist."""
   extras = _extras()
   steps = []
@@ -60,7 +92,7 @@ def _without_installs(code: str, line: int) -> str:
     if part.strip().startswith("pip install"):
       for group in re.findall(r"\.\[([\w,]+)\]", part):
         for extra in group.split(","):
-          assert extra in extras, f"README line {line}: no extra {extra!r}"
+          assert extra in extras, f"{where}: no extra {extra!r}"
       continue
     steps.append(part)
   return "\n".join(steps)
@@ -73,64 +105,144 @@ def _quick(code: str) -> str:
   return re.sub(r"--config=(configs/\w+\.py)(?::([\w=,]+))?", repl, code)
 
 
+def _missing(mark: str) -> list[str]:
+  """What a block's `needs:` names that this machine lacks."""
+  needs = mark.partition("; needs:")[2]
+  return [p for p in needs.split() if not (
+      os.path.exists(p) if p.startswith("/") else
+      importlib.util.find_spec(p) is not None)]
+
+
+def _all_blocks():
+  return [(doc, *b) for doc in doc_files() for b in blocks(doc)]
+
+
+def _params():
+  out = []
+  for doc, lang, mark, _, line in _all_blocks():
+    if lang in _CODE:
+      out.append(pytest.param(
+          doc, line, id=f"{doc}:{line}",
+          marks=[pytest.mark.slow] if lang == "bash" else []))
+  return out
+
+
 def test_every_block_says_how_it_is_tested():
-  unmarked = [line for lang, mark, _, line in blocks()
-              if lang == "bash" and mark is None]
-  assert not unmarked, f"README bash blocks without a marker at {unmarked}"
-  for lang, mark, _, line in blocks():
-    if mark and mark.startswith("skip"):
-      assert len(mark.split(":", 1)[-1].strip()) > 5, (line, "give a reason")
+  for doc, lang, mark, _, line in _all_blocks():
+    where = f"{doc}:{line}"
+    assert lang in _CODE + ("text",), (
+        f"{where}: a ```{lang} block; label it bash, python (both run) or "
+        "text (not code)")
+    if lang == "text":
+      continue
+    assert mark is not None, (
+        f"{where}: a {lang} block without a marker; put "
+        "<!-- readme-test: run|quick|skip: <reason> --> on the line before")
+    kind = mark.partition(";")[0].strip()
+    assert kind in ("run", "quick") or kind.startswith("skip:"), (where, mark)
+    if kind.startswith("skip"):
+      assert len(mark.split(":", 1)[-1].strip()) > 5, (where, "give a reason")
+  runnable = [line for _, lang, mark, _, line in _all_blocks()
+              if lang == "bash" and not mark.startswith("skip")]
+  assert len(runnable) >= 8, "the docs lost their commands?"
 
 
-@pytest.mark.slow
-def test_every_shell_block_runs_as_written(tmp_path):
+# (doc, line) -> None (ran) or the reason it failed, for this session.
+_RAN: dict[tuple[str, int], str | None] = {}
+
+
+@pytest.fixture(scope="session")
+def doc_tmp(tmp_path_factory):
+  """One temporary directory per documentation file, made on first use."""
+  dirs = {}
+  def get(doc):
+    if doc not in dirs:
+      dirs[doc] = tmp_path_factory.mktemp(re.sub(r"\W", "_", doc))
+    return dirs[doc]
+  return get
+
+
+def _run_bash(doc: str, mark: str, code: str, line: int, tmp) -> str | None:
+  """Runs one bash block; None, or why it failed."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["JAX_PLATFORMS"] = "cpu"
-  ran, skipped = 0, []
-  for lang, mark, code, line in blocks():
-    if lang != "bash" or mark.startswith("skip"):
-      continue
-    kind, _, needs = mark.partition("; needs:")
-    missing = [p for p in needs.split() if not (
-        os.path.exists(p) if p.startswith("/") else
-        importlib.util.find_spec(p) is not None)]
-    if missing:
-      skipped.append((line, missing))
-      continue
-    script = _without_installs(code, line).replace("/tmp/", f"{tmp_path}/")
-    if kind.strip() == "quick":
-      script = _quick(script)
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script],
-                            cwd=ROOT, env=env, capture_output=True,
-                            text=True, timeout=900)
-    assert result.returncode == 0, (
-        f"README block at line {line} failed (exit {result.returncode}):\n"
-        f"{script}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n"
-        f"{result.stderr[-3000:]}")
-    ran += 1
-  print(f"ran {ran} README blocks; skipped for missing data: {skipped}")
-  assert ran >= 8 - len(skipped)
+  script = _without_installs(code, f"{doc}:{line}").replace("/tmp/",
+                                                             f"{tmp}/")
+  if mark.partition(";")[0].strip() == "quick":
+    script = _quick(script)
+  result = subprocess.run(["bash", "-euo", "pipefail", "-c", script],
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+  if result.returncode == 0:
+    return None
+  return (f"{doc}:{line} failed (exit {result.returncode}):\n{script}\n"
+          f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n"
+          f"{result.stderr[-3000:]}")
 
 
-def test_python_blocks_run():
-  code = [c for lang, _, c, _ in blocks() if lang == "python"]
-  assert code
-  for c in code:
-    result = subprocess.run([sys.executable, "-c", c], cwd=ROOT,
+def _runnable(lang: str, mark: str) -> bool:
+  return lang == "bash" and not mark.startswith("skip") and not _missing(mark)
+
+
+@pytest.mark.parametrize("doc,line", _params())
+def test_block_runs_as_written(doc, line, doc_tmp):
+  found = {b[3]: b for b in blocks(doc)}
+  lang, mark, code, _ = found[line]
+  assert mark is not None, f"{doc}:{line}: no marker"
+  if mark.startswith("skip"):
+    pytest.skip(mark.split(":", 1)[1].strip())
+  if missing := _missing(mark):
+    pytest.skip(f"needs {' '.join(missing)}")
+  if lang == "python":
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                             capture_output=True, text=True, timeout=300,
                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, (f"{doc}:{line}\n"
+                                    f"{result.stderr[-3000:]}")
+    return
+  tmp = doc_tmp(doc)
+  for b_lang, b_mark, b_code, b_line in blocks(doc):
+    if b_line >= line:
+      break
+    if _runnable(b_lang, b_mark) and (doc, b_line) not in _RAN:
+      _RAN[doc, b_line] = _run_bash(doc, b_mark, b_code, b_line, tmp)
+  _RAN[doc, line] = failure = _run_bash(doc, mark, code, line, tmp)
+  earlier = [l for (d, l), f in _RAN.items() if d == doc and l < line and f]
+  assert failure is None, failure + (
+      f"\n(earlier blocks of {doc} that failed: lines {earlier})"
+      if earlier else "")
 
 
 def test_files_the_docs_name_exist():
-  """Paths of the repository named in the README and the configs exist."""
-  texts = [open(README).read()] + [open(p).read() for p in sorted(
-      __import__("glob").glob(os.path.join(ROOT, "configs", "*.py")))]
+  """Paths of the repository named in the docs and the configs exist."""
+  texts = [open(os.path.join(ROOT, d)).read() for d in doc_files()]
+  texts += [open(p).read()
+            for p in sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))]
   named = set()
   for text in texts:
     named |= set(re.findall(
-        r"\b((?:codistill_jax|experiments|configs|tests)/[\w/]+\.(?:py|md|json))",
-        text))
+        r"\b((?:codistill_jax|experiments|configs|tests|docs)/[\w/]+"
+        r"\.(?:py|md|json))", text))
   missing = sorted(p for p in named if not os.path.exists(os.path.join(ROOT,
                                                                        p)))
   assert not missing, missing
+
+
+def test_links_resolve_and_every_page_is_indexed():
+  """Relative links point at files; README and docs/README.md list each page."""
+  broken = []
+  for doc in doc_files():
+    text = open(os.path.join(ROOT, doc)).read()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+      if re.match(r"\w+://|#|mailto:", target):
+        continue
+      path = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc),
+                                           target.split("#")[0]))
+      if not os.path.exists(path):
+        broken.append(f"{doc}: {target}")
+  assert not broken, broken
+  pages = {os.path.basename(d) for d in doc_files()[1:]} - {"README.md"}
+  for index, prefix in (("README.md", "docs/"), ("docs/README.md", "")):
+    text = open(os.path.join(ROOT, index)).read()
+    unlisted = sorted(p for p in pages if f"]({prefix}{p})" not in text)
+    assert not unlisted, f"{index} does not link {unlisted}"
