@@ -28,10 +28,9 @@ def validate(config, num_devices: int | None = None,
              num_groups_here: int | None = None) -> None:
   """Raises ConfigError naming the first problem; returns None if all is well.
 
-  Args:
-    config: the experiment config.
-    num_devices: devices of this job (default: jax.device_count()).
-    num_groups_here: groups this job runs (default: all of them).
+  `num_devices` and `num_groups_here` describe the job the config runs in
+  (default: every visible device, every group); `mesh.check_config` checks
+  the groups and batches against them.
   """
   config_lib.check_skeleton(config)
   for check in _CHECKS:

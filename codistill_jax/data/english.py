@@ -32,7 +32,6 @@ batch_size, eval_batch_size, split_seed, partition.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -155,26 +154,12 @@ def check(config) -> None:
     corpus.get_source(name)  # ConfigError naming an unknown source.
 
 
-def _gather(windows: np.ndarray, index: np.ndarray) -> dict:
-  return lm.lm_batch(windows[index], spm.PAD)
-
-
 def get_datasets(config, *, group: int, num_groups: int, process_index: int,
                  process_count: int) -> pipeline.Datasets:
   check(config)
   windows, tok = load(config)
-  splits = {name: pipeline.ArraySplit(len(w), functools.partial(_gather, w))
-            for name, w in windows.items()}
-  info = {
-      "vocab_size": tok.vocab_size,
-      "max_len": config.data.seq_len,
-      "pad_id": spm.PAD,
-      "eod_id": spm.EOD,
-      "tokenizer_path": tok.path,
-      "num_tokens": {name: int(w[:, 1:].size) for name, w in windows.items()},
-      "unigram": np.bincount(windows["train"][:, 1:].ravel(),
-                             minlength=tok.vocab_size)[:tok.vocab_size],
-  }
-  return pipeline.assemble(config, splits, info, group=group,
-                           num_groups=num_groups, process_index=process_index,
-                           process_count=process_count)
+  return lm.window_datasets(
+      config, windows, vocab_size=tok.vocab_size, pad_id=spm.PAD,
+      info={"eod_id": spm.EOD, "tokenizer_path": tok.path},
+      group=group, num_groups=num_groups, process_index=process_index,
+      process_count=process_count)

@@ -25,7 +25,6 @@ Config fields (config.data.*): path, vocab_size, seq_len, cache_dir, max_files
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -146,28 +145,12 @@ def load(config) -> tuple[dict[str, np.ndarray], tokenizer_lib.Tokenizer, str]:
   return windows, tok, vocab_path
 
 
-def _gather(windows: np.ndarray, index: np.ndarray) -> dict:
-  return lm.lm_batch(windows[index], tokenizer_lib.PAD)
-
-
 def get_datasets(config, *, group: int, num_groups: int, process_index: int,
                  process_count: int) -> pipeline.Datasets:
   check(config)
   windows, tok, vocab_path = load(config)
-  splits = {name: pipeline.ArraySplit(len(w), functools.partial(_gather, w))
-            for name, w in windows.items()}
-  info = {
-      "vocab_size": tok.vocab_size,
-      "max_len": config.data.seq_len,
-      "pad_id": tokenizer_lib.PAD,
-      "eod_id": tokenizer_lib.EOD,
-      "vocab_path": vocab_path,
-      "num_tokens": {name: int((w[:, 1:] != tokenizer_lib.PAD).sum())
-                     for name, w in windows.items()},
-      # Target-token counts of the training split (a sampling proposal).
-      "unigram": np.bincount(windows["train"][:, 1:].ravel(),
-                             minlength=tok.vocab_size)[:tok.vocab_size],
-  }
-  return pipeline.assemble(config, splits, info, group=group,
-                         num_groups=num_groups, process_index=process_index,
-                         process_count=process_count)
+  return lm.window_datasets(
+      config, windows, vocab_size=tok.vocab_size, pad_id=tokenizer_lib.PAD,
+      info={"eod_id": tokenizer_lib.EOD, "vocab_path": vocab_path},
+      group=group, num_groups=num_groups, process_index=process_index,
+      process_count=process_count)

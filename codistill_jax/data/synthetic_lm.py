@@ -57,10 +57,6 @@ def windows(vocab_size: int, seq_len: int, count: int, branching: int,
   return out
 
 
-def _gather(w: np.ndarray, index: np.ndarray) -> dict:
-  return lm.lm_batch(w[index], PAD)
-
-
 def get_datasets(config, *, group: int, num_groups: int, process_index: int,
                  process_count: int) -> pipeline.Datasets:
   data = config.data
@@ -69,16 +65,7 @@ def get_datasets(config, *, group: int, num_groups: int, process_index: int,
            "test": data.num_eval}
   made = {name: windows(data.vocab_size, data.seq_len, n, data.branching,
                         seed, name) for name, n in sizes.items()}
-  splits = {name: pipeline.ArraySplit(len(w), functools.partial(_gather, w))
-            for name, w in made.items()}
-  info = {
-      "vocab_size": data.vocab_size,
-      "max_len": data.seq_len,
-      "pad_id": PAD,
-      "num_tokens": {name: int(w[:, 1:].size) for name, w in made.items()},
-      "unigram": np.bincount(made["train"][:, 1:].ravel(),
-                             minlength=data.vocab_size)[:data.vocab_size],
-  }
-  return pipeline.assemble(config, splits, info, group=group,
-                           num_groups=num_groups, process_index=process_index,
-                           process_count=process_count)
+  return lm.window_datasets(
+      config, made, vocab_size=data.vocab_size, pad_id=PAD, info={},
+      group=group, num_groups=num_groups, process_index=process_index,
+      process_count=process_count)
