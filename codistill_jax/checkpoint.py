@@ -18,6 +18,7 @@ import re
 import socket
 from typing import Any
 
+from absl import logging
 from etils import epath
 import jax
 import jax.numpy as jnp
@@ -127,9 +128,23 @@ def checksum(tree: Any) -> jax.Array:
   return jnp.stack(out) if out else jnp.zeros((0,), jnp.uint32)
 
 
-def step_metadata(directory: str, step: int) -> dict:
-  """The custom metadata Orbax committed with a step ({} if none)."""
-  path = os.path.join(directory, str(step), "_CHECKPOINT_METADATA")
+def params_checksum(state: Any, sums: list[int]) -> list[int]:
+  """The entries of `checksum(state)` (`sums`) that are of `state.params`,
+  in the order `checksum(state.params)` gives them: what a reader of the
+  params alone (init and teacher checkpoints) verifies."""
+  paths_ = [p for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+  return [s for p, s in zip(paths_, sums)
+          if getattr(p[0], "name", getattr(p[0], "key", None)) == "params"]
+
+
+def step_metadata(directory: str, step: int | None = None) -> dict:
+  """The custom metadata Orbax committed with a step ({} if none).
+
+  `directory` is a manager directory and `step` one of its steps, or (step
+  None) a step directory itself.
+  """
+  step_dir = directory if step is None else os.path.join(directory, str(step))
+  path = os.path.join(step_dir, "_CHECKPOINT_METADATA")
   try:
     with epath.Path(path).open() as f:
       return json.load(f).get("custom_metadata") or {}
@@ -197,7 +212,7 @@ def restore_state(directory: str, step: int, abstract_state: Any,
   item = os.path.join(os.path.abspath(directory), str(step), "default")
   try:
     problem = mismatch(item, abstract_state)
-  except OSError as e:
+  except Exception as e:  # pylint: disable=broad-except
     raise Corrupt(f"unreadable metadata ({_first_line(e)})") from None
   if problem:
     raise ConfigError(
@@ -207,7 +222,9 @@ def restore_state(directory: str, step: int, abstract_state: Any,
     with ocp.StandardCheckpointer(
         multiprocessing_options=multiprocessing_options(name)) as ckptr:
       state = ckptr.restore(item, abstract_state)
-  except (OSError, ValueError, RuntimeError) as e:  # tensorstore's decode
+  except Exception as e:  # pylint: disable=broad-except
+    # The read boundary: Orbax and tensorstore raise anything from OSError
+    # to a bare Exception for a truncated or garbled file.
     raise Corrupt(f"its arrays do not read back ({_first_line(e)})") from None
   saved = step_metadata(directory, step).get("checksum")
   if saved is not None and np.asarray(checksum(state)).tolist() != saved:
@@ -342,7 +359,7 @@ def restore_params(path: str, abstract_params: Any,
   try:
     problem = mismatch(os.path.join(step_dir, "default"), abstract_params,
                        prefix="params")
-  except OSError as e:
+  except Exception as e:  # pylint: disable=broad-except
     raise ConfigError(damaged.format(_first_line(e))) from None
   if problem:
     raise ConfigError(f"{field}={path!r} holds another architecture "
@@ -360,9 +377,19 @@ def restore_params(path: str, abstract_params: Any,
           args=ocp.args.PyTreeRestore(
               item={"params": abstract_params},
               restore_args={"params": restore_args}, partial_restore=True))
-  except (OSError, ValueError, RuntimeError) as e:
+  except Exception as e:  # pylint: disable=broad-except
+    # The read boundary: whatever Orbax or tensorstore raise.
     raise ConfigError(damaged.format(_first_line(e))) from None
-  return restored["params"]
+  params = restored["params"]
+  saved = step_metadata(step_dir).get("params_checksum")
+  if saved is None:
+    # Steps saved before params checksums existed: nothing to verify.
+    logging.warning("%s=%s: step %s carries no params checksum (saved by an "
+                    "older version); used unverified", field, path, step_dir)
+  elif np.asarray(checksum(params)).tolist() != saved:
+    raise ConfigError(damaged.format(
+        "its params do not match the checksum saved with them"))
+  return params
 
 
 def _comparable(config: ml_collections.ConfigDict) -> dict:

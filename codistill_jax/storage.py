@@ -227,14 +227,17 @@ class Storage:
   def save(self, step: int, states: dict[int, Any]) -> None:
     """Starts async saves of each group's own state at `step`.
 
-    Each step commits with the run's identity and the state's checksum.
+    Each step commits with the run's identity, the state's checksum and
+    its params' (`checkpoint.params_checksum`).
     """
     for g, state in states.items():
       if self.multi_process and g in self._publishers:
         self._publishers[g].wait()
       sums = np.asarray(ckpt_lib.checksum(state)).tolist()
-      self._checkpointers[g].save(step, state, {"run": self.run,
-                                                "checksum": sums})
+      self._checkpointers[g].save(step, state, {
+          "run": self.run, "checksum": sums,
+          # What readers of the params alone verify (init, teachers).
+          "params_checksum": ckpt_lib.params_checksum(state, sums)})
       self.last_saved[g] = step
 
   def close(self) -> None:
