@@ -8,8 +8,9 @@ marker saying how the test treats it:
                                         at its `:quick` size
   <!-- readme-test: skip: <reason> -->  not runnable here (a cluster, a GPU)
   ...; needs: <path or module> ...      skipped, saying so, where a dataset
-                                        of DATA.md (a path) or an optional
-                                        module (a name: libtpu) is missing
+                                        (a path: an apt package's files) or
+                                        an optional module (a name: libtpu)
+                                        is missing
 
 ```text blocks (diagrams, printed output) are not code and need none; a fence
 of any other language, or of none, fails the test.
@@ -190,9 +191,9 @@ def test_block_runs_as_written(doc, line, doc_tmp):
   lang, mark, code, _ = found[line]
   assert mark is not None, f"{doc}:{line}: no marker"
   if mark.startswith("skip"):
-    pytest.skip(mark.split(":", 1)[1].strip())
+    pytest.skip(f"{doc}:{line}: {mark.split(':', 1)[1].strip()}")
   if missing := _missing(mark):
-    pytest.skip(f"needs {' '.join(missing)}")
+    pytest.skip(f"{doc}:{line}: needs {' '.join(missing)}")
   if lang == "python":
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                             capture_output=True, text=True, timeout=300,
