@@ -37,7 +37,9 @@ import json
 import os
 import shutil
 from typing import Any
+import zlib
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,7 +50,21 @@ from codistill_jax import distill
 from codistill_jax import mesh as mesh_lib
 from codistill_jax.errors import ConfigError
 
-FORMAT_VERSION = 1
+# 2: per-chunk CRC32s of every array ("checksums"); version 1 stores (none)
+# still load, unverified, with a warning.
+FORMAT_VERSION = 2
+# Rows per checksummed chunk: a lookup verifies each chunk it touches once.
+CHUNK_ROWS = 4096
+# What a manifest must hold, with the type of each entry.
+_MANIFEST = {"version": int, "format": dict, "data": dict, "teacher": dict,
+             "arrays": dict}
+_MANIFEST_PARTS = {
+    "format": {"topk": int, "temperature": (int, float), "binary": bool,
+               "teacher_dtype": str},
+    "data": {"fields": dict, "num_train_examples": int,
+             "content_sha256": str},
+    "teacher": {"step_dir": str, "model_name": str, "model_kwargs": dict},
+}
 # config.data fields that do not change which examples make up the training
 # split or what their inputs are.
 _NOT_IDENTITY = ("batch_size", "eval_batch_size", "partition", "cache_dir")
@@ -81,24 +97,105 @@ def target_format(config) -> dict:
           "teacher_dtype": cd.teacher_dtype}
 
 
+def chunk_checksums(array: np.ndarray) -> list[int]:
+  """CRC32 of each CHUNK_ROWS rows of `array`'s bytes (as stored)."""
+  return [zlib.crc32(np.ascontiguousarray(array[i:i + CHUNK_ROWS]).data)
+          for i in range(0, len(array), CHUNK_ROWS)]
+
+
 @dataclasses.dataclass
 class TargetStore:
-  """A written store, opened for reading (memory-mapped arrays)."""
+  """A written store, opened for reading (memory-mapped arrays).
+
+  The manifest is checked for every field it must hold; the arrays for the
+  shape and dtype it gives; each chunk of rows against its checksum the
+  first time a lookup touches it. Any of them failing is a ConfigError
+  naming the store and the file.
+  """
   path: str
 
   def __post_init__(self):
+    self.where = f"config.codistill.stored_targets={self.path}"
     manifest = os.path.join(self.path, "manifest.json")
     try:
       with open(manifest) as f:
         self.manifest = json.load(f)
-      self.arrays = {name: np.load(os.path.join(self.path, f"{name}.npy"),
-                                   mmap_mode="r")
-                     for name in self.manifest["arrays"]}
-    except (OSError, ValueError, KeyError) as e:
-      raise ConfigError(
-          f"config.codistill.stored_targets={self.path}: not a readable "
-          f"target store ({type(e).__name__}: {e}); write one with `python "
-          "-m codistill_jax.tools.store_targets`") from None
+    except (OSError, ValueError) as e:
+      raise self._error(f"{manifest} does not read ({type(e).__name__}: "
+                        f"{e})") from None
+    self._check_manifest(manifest)
+    self.arrays = {}
+    for name, meta in self.manifest["arrays"].items():
+      path = os.path.join(self.path, f"{name}.npy")
+      try:
+        array = np.load(path, mmap_mode="r")
+      except (OSError, ValueError) as e:
+        raise self._error(f"{path} does not read ({type(e).__name__}: "
+                          f"{e})") from None
+      if (list(array.shape) != list(meta.get("shape", [])) or
+          str(array.dtype) != meta.get("dtype")):
+        raise self._error(f"{path} holds {array.dtype} {list(array.shape)}, "
+                          f"the manifest says {meta.get('dtype')} "
+                          f"{meta.get('shape')}")
+      self.arrays[name] = array
+    self.sums = self.manifest.get("checksums")
+    if self.sums is None:
+      logging.warning("%s: a version %s store without checksums; its rows "
+                      "are used unverified (write it again to verify them)",
+                      self.where, self.manifest["version"])
+    self._verified: dict[str, set[int]] = {n: set() for n in self.arrays}
+
+  def _error(self, what: str) -> ConfigError:
+    return ConfigError(f"{self.where}: {what}; write the store again with "
+                       "`python -m codistill_jax.tools.store_targets`")
+
+  def _check_manifest(self, path: str) -> None:
+    """Every entry the reader uses is there, with its type."""
+    def need(node, spec, prefix):
+      if not isinstance(node, dict):
+        raise self._error(f"{path}: {prefix or 'the manifest'} is not a JSON "
+                          "object")
+      for key, kind in spec.items():
+        if key not in node:
+          raise self._error(f"{path} has no {prefix}{key!r}")
+        if not isinstance(node[key], kind) or (
+            kind is int and isinstance(node[key], bool)):
+          raise self._error(f"{path}: {prefix}{key!r} is "
+                            f"{node[key]!r}, not a {getattr(kind, '__name__', 'number')}")
+    need(self.manifest, _MANIFEST, "")
+    version = self.manifest["version"]
+    if version > FORMAT_VERSION or version < 1:
+      raise self._error(f"{path} is of format version {version}; this "
+                        f"version reads 1..{FORMAT_VERSION}")
+    for part, spec in _MANIFEST_PARTS.items():
+      need(self.manifest[part], spec, f"{part}.")
+    sums = self.manifest.get("checksums")
+    if version >= 2:
+      need(self.manifest, {"checksums": dict}, "")
+      need(sums, {"chunk_rows": int, "arrays": dict}, "checksums.")
+      if sorted(sums["arrays"]) != sorted(self.manifest["arrays"]):
+        raise self._error(f"{path}: checksums.arrays names "
+                          f"{sorted(sums['arrays'])}, arrays names "
+                          f"{sorted(self.manifest['arrays'])}")
+
+  def _verify(self, rows: np.ndarray) -> None:
+    """Checks each chunk of `rows` not checked yet against its checksum."""
+    if self.sums is None:
+      return
+    size = self.sums["chunk_rows"]
+    for name, array in self.arrays.items():
+      done, want = self._verified[name], self.sums["arrays"][name]
+      for c in np.unique(rows // size).tolist():
+        if c in done:
+          continue
+        got = zlib.crc32(np.ascontiguousarray(
+            array[c * size:(c + 1) * size]).data)
+        if c >= len(want) or got != want[c]:
+          raise self._error(
+              f"{name}.npy rows {c * size}..{min((c + 1) * size, len(array)) - 1}"
+              " do not match the checksum written with them (the file is "
+              "damaged)")
+        done.add(c)
 
   def check(self, config, datasets) -> None:
     """Refuses a config whose data, target format or teacher differ."""
@@ -113,15 +210,22 @@ class TargetStore:
         raise ConfigError(f"{where} holds targets with {key}={have.get(key)!r}"
                           f", but config.{field} gives {value!r}; set it to "
                           "the store's value or write a new store")
-    identity = data_identity(config, datasets)
-    if identity != self.manifest["data"]:
-      diff = sorted(k for k in set(identity["fields"]) | set(
-          self.manifest["data"]["fields"]) if identity["fields"].get(k) !=
-                    self.manifest["data"]["fields"].get(k))
+    # The rows decide: the same examples in the same order (their count
+    # and content) are the same split, whichever config.data fields differ
+    # (a prefetch depth, a cache dir); the fields only explain a mismatch.
+    identity, saved = data_identity(config, datasets), self.manifest["data"]
+    diff = sorted(k for k in set(identity["fields"]) | set(saved["fields"])
+                  if identity["fields"].get(k) != saved["fields"].get(k))
+    same_rows = all(identity[k] == saved[k]
+                    for k in ("num_train_examples", "content_sha256"))
+    if not same_rows:
       raise ConfigError(
           f"{where} was written for another data split ("
           f"{'fields ' + ', '.join(diff) if diff else 'other examples'}); "
           "use the store of this data config or write one for it")
+    if diff:
+      logging.info("%s: written with other config.data %s, for the same "
+                   "examples: used", where, ", ".join(diff))
     ckpt = config.codistill.teacher_checkpoint
     if ckpt:
       step_dir = ckpt_lib.find_step_dir(ckpt,
@@ -143,6 +247,7 @@ class TargetStore:
   def lookup(self, index: np.ndarray) -> dict[str, np.ndarray]:
     """The targets of the examples `index` (-1 = padding: any row)."""
     rows = np.maximum(np.asarray(index), 0)
+    self._verify(rows)
     return {name: np.asarray(a[rows]) for name, a in self.arrays.items()}
 
 
@@ -211,6 +316,9 @@ def write(config, teacher_path: str, out: str) -> dict:
                         ckpt_lib.checksum(params)).tolist()},
         "arrays": {k: {"shape": list(a.shape), "dtype": str(a.dtype)}
                    for k, a in arrays.items()},
+        "checksums": {"chunk_rows": CHUNK_ROWS,
+                      "arrays": {k: chunk_checksums(a)
+                                 for k, a in arrays.items()}},
     }
     with open(os.path.join(tmp, "manifest.json"), "w") as f:
       json.dump(manifest, f, indent=1)

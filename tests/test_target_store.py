@@ -5,7 +5,9 @@ files must equal one trained with the same teacher in-process, with the same
 target format, and a store refuses data or a teacher it was not written for.
 """
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -165,3 +167,80 @@ def test_a_store_is_written_by_the_teachers_architecture(tmp_path, named):
   assert manifest["teacher"]["model_name"] == "ctr_mlp"
   assert tuple(manifest["teacher"]["model_kwargs"]["hidden_sizes"]) == (48,
                                                                         16)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+  """A flights teacher and its dense store (module-wide; copy to damage)."""
+  tmp = tmp_path_factory.mktemp("store")
+  config, teacher_dir = _teacher(tmp, "flights")
+  store = str(tmp / "store")
+  target_store.write(config, teacher_dir, store)
+  return config, store
+
+
+def _copy(written, tmp_path):
+  out = str(tmp_path / "store")
+  shutil.copytree(written[1], out)
+  return out
+
+
+def _flip(path, offset):
+  with open(path, "r+b") as f:
+    f.seek(offset)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0x01]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", [0.3, 0.999])
+def test_a_damaged_store_is_named_not_trained_on(written, tmp_path, where):
+  """One flipped bit in the rows: once a NaN error that blamed alpha and the
+  temperature (or silently wrong targets); now the lookup names the file."""
+  store = _copy(written, tmp_path)
+  path = os.path.join(store, "probs.npy")
+  _flip(path, int(os.path.getsize(path) * where))
+  opened = target_store.TargetStore(store)
+  n = len(opened.arrays["probs"])
+  with pytest.raises(ConfigError, match=r"stored_targets=.*probs\.npy rows "
+                     r"\d+\.\.\d+ do not match the checksum"):
+    for start in range(0, n, 1000):
+      opened.lookup(np.arange(start, min(start + 1000, n)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage,words", [
+    (lambda m: m.pop("data"), "has no 'data'"),
+    (lambda m: m["data"].pop("num_train_examples"),
+     "has no data.'num_train_examples'"),
+    (lambda m: m["format"].update(topk="3"), "format.'topk' is '3'"),
+    (lambda m: m.pop("checksums"), "has no 'checksums'"),
+    (lambda m: m["arrays"]["probs"].update(shape=[7]), "the manifest says"),
+    (lambda m: m.update(version=99), "format version 99"),
+])
+def test_a_manifest_missing_or_mistyping_a_field_is_named(written, tmp_path,
+                                                          damage, words):
+  store = _copy(written, tmp_path)
+  path = os.path.join(store, "manifest.json")
+  with open(path) as f:
+    manifest = json.load(f)
+  damage(manifest)
+  with open(path, "w") as f:
+    json.dump(manifest, f)
+  with pytest.raises(ConfigError) as e:
+    target_store.TargetStore(store)
+  assert str(e.value).startswith(f"config.codistill.stored_targets={store}")
+  assert words in str(e.value), e.value
+
+
+@pytest.mark.slow
+def test_a_data_field_that_does_not_change_the_rows_is_not_refused(
+    written, tmp_path):
+  config, store = written
+  config = config.copy_and_resolve_references()
+  config.data.prefetch = 0  # Written with -1: the same examples.
+  config.codistill.teacher_source, config.codistill.stored_targets = (
+      "stored", store)
+  config.total_steps, config.codistill.burn_in_steps = 2, 0
+  train.train_and_evaluate(config, str(tmp_path / "run"))
