@@ -320,7 +320,8 @@ def check_ranges(node: Mapping[str, Any], ranges: Mapping[str, str],
     values = value if isinstance(value, (tuple, list)) else (value,)
     for v in values:
       ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and
-            math.isfinite(v) and in_range(v, spec))
+            (isinstance(v, int) or math.isfinite(v)) and  # (ints of any
+            in_range(v, spec))  # size: no float conversion.)
       if not ok:
         raise ConfigError(f"{prefix}.{name}={value!r} must be "
                           f"{'each ' if values is value else ''}"
@@ -517,8 +518,11 @@ def parse_value(text: str, like: Any) -> Any:
   if isinstance(like, (int, float)) or isinstance(like, (tuple, list)):
     import ast  # pylint: disable=g-import-not-at-top
     value = ast.literal_eval(text)
+    if isinstance(value, bool) and not isinstance(like, (tuple, list)):
+      raise ValueError(f"{text!r} is a bool, not a number")
+    # (OverflowError for an int past a float's range.)
     return float(value) if isinstance(like, float) and isinstance(
-        value, int) and not isinstance(value, bool) else value
+        value, int) else value
   return text
 
 
@@ -544,13 +548,14 @@ def apply_overrides(config: ml_collections.ConfigDict,
     if isinstance(value, str) and not isinstance(old, str):
       try:
         value = parse_value(value, old)
-      except (ValueError, SyntaxError):
+      except (ValueError, SyntaxError, TypeError, OverflowError,
+              RecursionError):  # What literal_eval and float() raise.
         raise ConfigError(f"config.{dotted}={value!r} is not a "
                           f"{type(old).__name__}") from None
     try:
       with node.ignore_type() if isinstance(old, (tuple, list)) else _nothing():
         node[leaf] = value
-    except TypeError as e:
+    except (TypeError, OverflowError) as e:  # (An int past a float's range.)
       raise ConfigError(f"config.{dotted}={value!r}: {_one_line(e)}") from None
 
 
