@@ -223,9 +223,10 @@ def check_config(config, num_devices: int | None = None,
 
 def check_rules(rules) -> None:
   for i, rule in enumerate(rules):
-    ok = len(rule) == 2 and (rule[1] in STRATEGIES or (
-        isinstance(rule[1], (tuple, list)) and
-        all(a in (None, DATA_AXIS, MODEL_AXIS) for a in rule[1])))
+    ok = len(rule) == 2 and isinstance(rule[0], str) and (
+        rule[1] in STRATEGIES or (
+            isinstance(rule[1], (tuple, list)) and
+            all(a in (None, DATA_AXIS, MODEL_AXIS) for a in rule[1])))
     if not ok:
       raise ConfigError(
           f"config.sharding.rules[{i}]={rule!r} must be (regex, strategy) with "
