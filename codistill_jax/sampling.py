@@ -67,6 +67,8 @@ def check_config(config) -> None:
   cd, sm = config.codistill, config.codistill.sampled
   name = "config.codistill.sampled"
   config_lib.check_choice(config, "codistill.topk_mode", TOPK_MODES)
+  # Checked with K = 0 too, like every choice: a typo is refused at once.
+  config_lib.check_choice(config, "codistill.sampled.proposal", PROPOSALS)
   if cd.topk and config.loss != "softmax_xent":
     raise ConfigError(f"config.codistill.topk={cd.topk} needs a softmax model "
                       "(config.loss='softmax_xent'); use 0")
@@ -76,7 +78,6 @@ def check_config(config) -> None:
   if isinstance(vocab, int) and sm.num_samples > vocab:
     raise ConfigError(f"{name}.num_samples={sm.num_samples} exceeds "
                       f"config.data.vocab_size={vocab}; use at most {vocab}")
-  config_lib.check_choice(config, "codistill.sampled.proposal", PROPOSALS)
   problem = (
       "config.loss must be 'softmax_xent'" if config.loss != "softmax_xent"
       else "config.codistill.topk must be 0" if cd.topk

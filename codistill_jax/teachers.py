@@ -642,8 +642,9 @@ def check_config(config) -> None:
           f"config.codistill.method='average' averages the groups' own "
           f"params; it needs config.codistill.teacher_source='peers', not "
           f"{cd.teacher_source!r} (or method='distill' to distil from it)")
-    config_lib.check_choice(config, "codistill.averaging.outer_optimizer",
-                            averaging.OUTER_OPTIMIZERS)
+  # Checked with any method, like every choice: a typo is refused at once.
+  config_lib.check_choice(config, "codistill.averaging.outer_optimizer",
+                          averaging.OUTER_OPTIMIZERS)
   config_lib.check_choice(config, "codistill.teacher_dtype", TEACHER_DTYPES)
   config_lib.check_choice(config, "codistill.exchange_format",
                           exchange.FORMATS)
