@@ -8,7 +8,8 @@ cardinalities, ...) that are fields of `Model` and not set in `config.model`.
 `Model.__call__(x, train)` returns logits: [b, num_classes], [b] for one
 binary logit, or [b, L, vocab]. Models that support sampled output heads also
 define `hidden(x, train)` and `output_embedding(params)`. A module may declare
-`RANGES` ({field: '> 0', ...}) for its numeric fields; validation reads it.
+`RANGES` ({field: '> 0', ...}) for its numeric fields and `CHOICES` ({field:
+('a', 'b'), ...}) for its string fields; validation reads both.
 """
 
 import dataclasses
@@ -53,6 +54,10 @@ def check_kwargs(name: str, kwargs: Mapping[str, Any], field: str) -> None:
     if k in kwargs and default is not dataclasses.MISSING:
       config_lib.check_like(f"{field}.{k}", kwargs[k], default)
   config_lib.check_ranges(kwargs, getattr(module, "RANGES", {}), field)
+  for k, choices in getattr(module, "CHOICES", {}).items():
+    if k in kwargs and kwargs[k] not in choices:
+      raise ConfigError(f"{field}.{k}={kwargs[k]!r} is unknown; use one of "
+                        f"{tuple(choices)}")
 
 
 def check_config(config) -> None:

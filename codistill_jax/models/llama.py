@@ -251,6 +251,11 @@ RANGES = {"vocab_size": "> 0", "max_len": "> 0", "num_layers": "> 0",
           "num_heads": "> 0", "emb_dim": "> 0", "mlp_dim": "> 0",
           "rope_theta": "> 0", "norm_eps": "> 0", "dropout_rate": "[0, 1)",
           "num_kv_heads": "> 0", "head_dim": "> 0", "attention_chunk": ">= 0"}
+# The values a config may give its string fields (models.check_kwargs, at
+# config load; the model checks them again when built, `_dims`).
+FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
+CHOICES = {"remat": REMAT, "attention_impl": ATTENTION_IMPLS,
+           "dtype": FLOAT_DTYPES, "param_dtype": FLOAT_DTYPES}
 
 
 class Model(nn.Module):
