@@ -119,6 +119,60 @@ def teacher_model(config: ml_collections.ConfigDict, info,
   return models_lib.build(name, kwargs, info)
 
 
+def fixed_teacher(config: ml_collections.ConfigDict, info, example,
+                  sharding, checkpoint: str = "",
+                  field: str = "config.codistill.teacher_checkpoint"):
+  """(module, abstract params on `sharding`) of the fixed teacher, checked
+  to predict this run's outputs before anything is read.
+
+  A teacher of another task (an LM run named as the teacher of a CTR model)
+  is a ConfigError naming `field`: its run's loss differs, it cannot run on
+  this run's inputs, or it predicts another number of classes.
+
+  Args:
+    config: the student's config.
+    info: the student's dataset info.
+    example: one example of the student's inputs (`example_inputs`).
+    sharding: where the params go.
+    checkpoint: the teacher's path (default: codistill.teacher_checkpoint).
+    field: names the path in errors.
+  """
+  checkpoint = checkpoint or config.codistill.teacher_checkpoint
+  name, _ = teacher_spec(config, checkpoint)
+  where = f"{field}={checkpoint}"
+  run = (ckpt_lib.run_config_of(checkpoint)
+         if checkpoint and "://" not in checkpoint else None)
+  if run and run.get("loss", config.loss) != config.loss:
+    raise ConfigError(
+        f"{where} is a run of another task (loss {run.get('loss')!r}, data "
+        f"{(run.get('data') or {}).get('name')!r}); the teacher must predict "
+        f"this run's outputs (loss {config.loss!r}, data "
+        f"{config.data.name!r}): name a teacher run of this task")
+  try:
+    teacher = teacher_model(config, info, checkpoint)
+    params = abstract_params(teacher, example, sharding)
+    logits = jax.eval_shape(lambda p: teacher.apply(p, example, train=False),
+                            params)
+  except ConfigError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise ConfigError(
+        f"{where}: its model {name!r} cannot run on this run's inputs "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        f"); name a teacher run of this task") from None
+  student = jax.eval_shape(
+      lambda: models_lib.build(config.model_name, config.model.to_dict(),
+                               info).init_with_output(
+                                   jax.random.PRNGKey(0), example,
+                                   train=False)[0])
+  if logits.shape != student.shape:
+    raise ConfigError(
+        f"{where}: its model {name!r} predicts outputs of shape "
+        f"{logits.shape[1:]}, the student {student.shape[1:]}; name a "
+        "teacher of this run's output space")
+  return teacher, params
+
+
 def abstract_params(model, example, sharding) -> Any:
   """`model`'s params as ShapeDtypeStructs on `sharding` (no compute)."""
   params = jax.eval_shape(

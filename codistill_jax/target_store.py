@@ -274,12 +274,11 @@ def write(config, teacher_path: str, out: str) -> dict:
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)
   mesh = mesh_lib.make_mesh(jax.devices())
-  teacher = build.teacher_model(config, datasets.info, teacher_path)
   example = build.example_inputs(next(iter(datasets.train(0))))
   repl = mesh_lib.replicated(mesh)
-  params = ckpt_lib.restore_params(
-      teacher_path, build.abstract_params(teacher, example, repl),
-      field="--teacher")
+  teacher, abstract = build.fixed_teacher(config, datasets.info, example,
+                                          repl, teacher_path, "--teacher")
+  params = ckpt_lib.restore_params(teacher_path, abstract, field="--teacher")
   fmt = target_format(config)
   dtype = jnp.dtype(fmt["teacher_dtype"])
   params = jax.tree.map(lambda x: x.astype(dtype), params)

@@ -395,11 +395,11 @@ class FromCheckpoint(Source):
   def __init__(self, ctx: Context):
     config, setup = ctx.config, ctx.setup
     cd = config.codistill
-    teacher = build.teacher_model(config, setup.info)
     repl = mesh_lib.replicated(setup.mesh)
+    teacher, abstract = build.fixed_teacher(config, setup.info, setup.example,
+                                            repl)
     params = ckpt_lib.restore_params(
-        cd.teacher_checkpoint,
-        build.abstract_params(teacher, setup.example, repl),
+        cd.teacher_checkpoint, abstract,
         field="config.codistill.teacher_checkpoint")
     name, kwargs = build.teacher_spec(config)
     logging.info("teacher: %s, model %s %s, %d params, as %s",
@@ -427,9 +427,9 @@ class FromCheckpoint(Source):
   def layout(cls, config, setup, batch):
     del batch
     # The checkpoint is not read: its architecture's shapes are what count.
-    teacher = build.teacher_model(config, setup.info)
-    abstract = build.abstract_params(teacher, setup.example,
-                                     mesh_lib.replicated(setup.mesh))
+    teacher, abstract = build.fixed_teacher(config, setup.info,
+                                            setup.example,
+                                            mesh_lib.replicated(setup.mesh))
     return Layout(distills=True, teacher=teacher, args=(stacked_layout(
         abstract, 1, config.codistill.teacher_dtype),))
 
@@ -495,6 +495,9 @@ class FromService(Targets):
   describe = "teacher service"
 
   def __init__(self, ctx: Context):
+    # A teacher of another task is refused here, before workers start.
+    build.fixed_teacher(ctx.config, ctx.setup.info, ctx.setup.example,
+                        mesh_lib.replicated(ctx.setup.mesh))
     if "service" not in ctx.shared:
       # Ray is an optional extra: imported only for this source.
       try:

@@ -16,6 +16,7 @@ import pytest
 
 from codistill_jax import build
 from codistill_jax import checkpoint as ckpt_lib
+from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import paths
@@ -127,3 +128,37 @@ def test_params_checksum_is_saved_and_checked(run, tmp_path):
     json.dump(saved, f)
   with pytest.raises(ConfigError, match="do not match the checksum"):
     ckpt_lib.restore_params(copy, setup.abstract.params)
+
+
+# ----------------------------------------------------------------------------
+# A teacher of another task.
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+  """A 2-step run of the quick llama LM (synthetic tokens)."""
+  config = load_config("lm", "size=125m,quick")
+  config.total_steps, config.checkpoint_every, config.eval_every = 4, 4, 4
+  workdir = str(tmp_path_factory.mktemp("lm") / "run")
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("student,words", [
+    ("flights", "is a run of another task (loss 'softmax_xent'"),
+    ("fashion_mnist", "cannot run on this run's inputs"),
+])
+def test_a_teacher_of_another_task_is_named(lm_run, run, tmp_path, student,
+                                            words, small_data):
+  config = load_config(student)
+  for flag in small_data.get(student, []):
+    config_lib.apply_overrides(config, [flag])
+  cd = config.codistill
+  cd.teacher_source, cd.teacher_checkpoint = "checkpoint", lm_run
+  workdir = str(tmp_path / "student")
+  with pytest.raises(ConfigError) as e:
+    train.train_and_evaluate(config, workdir)
+  assert str(e.value).startswith(
+      f"config.codistill.teacher_checkpoint={lm_run}"), e.value
+  assert words in str(e.value), e.value
+  assert not os.path.exists(workdir)  # Refused before the first write.
