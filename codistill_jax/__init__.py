@@ -1,8 +1,9 @@
 """codistill_jax: codistillation (online distillation) at scale in JAX/Flax.
 
-See README.md for a tour of the modules: the pure core (`step`, `distill`,
-`losses`, `sampling`), the one host loop (`train`) and the owners around it
-(`build`, `teachers`, `storage`, `exchange`, `data`, `models`).
+docs/architecture.md tours the modules: the pure core (`step`, `distill`,
+`losses`, `sampling`), the one host loop (`train`), the owners around it
+(`build`, `teachers`, `storage`, `exchange`, `data`, `models`) and the
+commands on top (`tools/`).
 """
 
 import time as _time

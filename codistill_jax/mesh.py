@@ -59,7 +59,7 @@ def group_devices(num_groups: int, devices: Sequence[Any] | None = None):
         "in one multi-process job every group takes an equal share of every "
         "process's devices; use a divisor of the devices per process, or run "
         "each group as its own job (--groups=g, sharing "
-        "config.codistill.exchange_dir; see README)")
+        "config.codistill.exchange_dir; see docs/scale.md)")
   return [[d for h in hosts for d in h[g * len(h) // num_groups:
                                          (g + 1) * len(h) // num_groups]]
           for g in range(num_groups)]

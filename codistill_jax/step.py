@@ -3,7 +3,7 @@
 Nothing here knows about files, meshes, data pipelines or configs: the trainer
 binds the model's apply function, the loss and the optimizer by closure and
 jits the result with explicit shardings. Users can do the same with their own
-Flax module and loss (README, `tests/test_step.py`).
+Flax module and loss (docs/extending.md, `tests/test_step.py`).
 
 State is a plain pytree (`TrainState`). The dropout rng of step s is
 `fold_in(state.rng, s)`, so the random stream depends only on the step and a

@@ -3,7 +3,7 @@ r"""Image classification on Fashion-MNIST (the paper's ImageNet workload).
   python -m codistill_jax.main --config=configs/fashion_mnist.py \
       --workdir=/tmp/fmnist
 
-Needs `apt-get install -y dataset-fashion-mnist` (see README).
+Needs `apt-get install -y dataset-fashion-mnist` (see docs/codistillation.md).
 Args: `groups=G` (codistillation), `quick` (a few steps), `resnet` (small
 GroupNorm ResNet instead of the CNN).
 """

@@ -6,7 +6,7 @@ the training documents; per-token cross-entropy with padding masked.
   python -m codistill_jax.main --config=configs/kernel_lm.py \
       --workdir=/tmp/lm
 
-Needs `apt-get install -y linux-doc-6.1` (see README). Tokenised data is cached
+Needs `apt-get install -y linux-doc-6.1` (see docs/codistillation.md). Tokenised data is cached
 under ~/.cache/codistill_jax after the first run.
 Args: `groups=G` (codistillation), `quick` (a few steps on a few documents).
 """

@@ -28,7 +28,7 @@ def median_time(fn, n: int) -> float:
 
 
 def write_json(path: str, results) -> None:
-  """Writes a benchmark's numbers (the README points at these files)."""
+  """Writes a benchmark's numbers (docs/benchmarks.md points at these files)."""
   import json  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:

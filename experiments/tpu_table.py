@@ -1,4 +1,5 @@
-r"""The README's pod table: real-size LMs compiled for TPU slices, G = 1, 2, 4.
+r"""The pod table (docs/scale.md): real-size LMs compiled for TPU slices, G = 1,
+2, 4.
 
 For each config, topology and G, `codistill_jax.tools.compile_check` compiles one
 group's train step for the slice (not attached; needs the `tpu` extra) in a

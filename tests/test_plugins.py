@@ -1,6 +1,6 @@
 """A model and a dataset from outside the package, through the CLI.
 
-The README's example plug-ins (experiments/plugin_example/my_plugins), copied
+The example plug-ins of docs/extending.md (experiments/plugin_example/my_plugins), copied
 away from the repository, named by dotted module paths; the dataset calls its
 splits 'dev' and 'final' (the trainer evaluates the first during training,
 all at the end).

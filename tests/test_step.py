@@ -1,6 +1,6 @@
 """The public step functions, used with a model and loss defined right here.
 
-This is the README's "bring your own model" example, run for real on a mesh of
+This is the "bring your own model" example of docs/extending.md, run for real on a mesh of
 8 fake devices with the batch split over 'data'.
 """
 

@@ -1,1 +1,1 @@
-"""A model and a dataset that live outside codistill_jax (README example)."""
+"""A model and a dataset that live outside codistill_jax (the example of docs/extending.md)."""
