@@ -28,7 +28,8 @@ setuptools.setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # matplotlib: tests/test_repro.py renders the report's plots.
-        "test": ["pytest==9.0.3", "matplotlib==3.9.2", "sentencepiece==0.2.3"],
+        "test": ["pytest==9.0.3", "matplotlib==3.9.2", "sentencepiece==0.2.3",
+                 "hypothesis==6.155.2"],
         # experiments/repro.py: sweeps, plots and experiments/REPORT.md.
         "repro": ["matplotlib==3.9.2"],
         # The teacher-inference service (codistill_jax/service/).
