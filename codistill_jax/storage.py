@@ -29,6 +29,7 @@ managers are taken by `open()`, after set-up has checked everything.
 """
 
 import datetime
+import errno
 import json
 import os
 import signal
@@ -118,7 +119,17 @@ class Storage:
     Args:
       publishing: the groups that publish params for peers.
       config: the run's config, written to the run's exchange folder.
+
+    A write that fails here releases what was taken: nothing is left that
+    refuses a rerun.
     """
+    try:
+      self._open(publishing, config)
+    except BaseException:
+      self.release()
+      raise
+
+  def _open(self, publishing, config) -> None:
     if self.primary:
       for g in self.groups:
         lock = WriterLock(paths.lock_file(self.workdir, g), g, self.workdir)
@@ -157,11 +168,17 @@ class Storage:
     path = os.path.join(self.run_dir, "run.json")
     if config is None or os.path.exists(path) or "://" in path:
       return
-    os.makedirs(self.run_dir, exist_ok=True)
     tmp = f"{path}.tmp.{socket.gethostname()}.{os.getpid()}"
-    with open(tmp, "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    os.replace(tmp, path)
+    try:
+      os.makedirs(self.run_dir, exist_ok=True)
+      with open(tmp, "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+      os.replace(tmp, path)
+    except OSError as e:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise ckpt_lib.storage_error("the run's identity", self.run_dir,
+                                   e) or e
 
   def _note_other_runs(self) -> None:
     """One line when the exchange root holds other runs' published params."""
@@ -283,15 +300,25 @@ def _proc_start(pid: int) -> str | None:
 class WriterLock:
   """`WORKDIR/group_<g>/writer.lock`: the one process that writes a group.
 
-  Taken with O_CREAT | O_EXCL, which is atomic on a local filesystem and on
-  NFSv3 and later (an exclusive create is decided by the server). The file
-  names its holder (host, pid, the pid's start time, when) and its holder
-  refreshes its mtime every `HEARTBEAT_S` seconds. A lock is stale when its
-  holder is gone: on the same host, when no process has that pid and start
-  time; seen from another host, when the mtime is older than `STALE_S`
-  (three times NFS's usual 60 s attribute cache, so a live holder is never
-  judged dead). A stale lock is taken over by renaming it aside (only one
-  of several contenders' renames can succeed) and creating a fresh one.
+  The lock file names its holder (host, pid, the pid's start time, when) and
+  is created whole: the record is written to a file of its own and
+  hard-linked into place, which fails if the lock exists (atomic on a local
+  filesystem and on NFSv3 and later). Its holder refreshes the mtime every
+  `HEARTBEAT_S` seconds.
+
+  The rule for a lock that exists, stated once:
+    * a record this code can read, on this host: held while a process with
+      that pid and start time runs; else its holder died (taken over);
+    * a record from another host: held while its mtime is younger than
+      `STALE_S` (three times NFS's usual 60 s attribute cache, so a live
+      holder is never judged dead); else taken over;
+    * an empty, torn or unparsable file (a crash of an older version, a
+      disk that filled while it was written, a stray file): no holder can
+      be named, and no live writer of this code leaves one, so it is taken
+      over, with a warning naming it.
+  A lock that is taken over is renamed aside first (only one of several
+  contenders' renames succeeds). Without hard links (some FUSE mounts) the
+  lock is created with O_EXCL and written in place.
   """
 
   HEARTBEAT_S = 20.0
@@ -303,20 +330,28 @@ class WriterLock:
     self._stop = threading.Event()
     self._thread = None
 
-  def _holder(self) -> dict | None:
-    """The holder's record, or None when there is no live holder."""
-    try:
-      info = _read_json(self.path) if os.path.exists(self.path) else None
-      age = time.time() - os.stat(self.path).st_mtime if info else 0
-    except OSError:
+  def _record(self) -> dict | None:
+    """The lock's holder record; None if it is missing or unparsable."""
+    info = _read_json(self.path)
+    if not isinstance(info, dict):
       return None
+    ok = (isinstance(info.get("host"), str) and
+          isinstance(info.get("pid"), int) and
+          not isinstance(info.get("pid"), bool))
+    return info if ok else None
+
+  def _holder(self) -> dict | None:
+    """The live holder's record, or None when the lock may be taken."""
+    info = self._record()
+    try:
+      age = time.time() - os.stat(self.path).st_mtime
+    except OSError:
+      return None  # No lock (or it just went).
     if info is None:
-      # Unreadable (being written, or torn): young means being written.
-      return ({"host": "?", "pid": "?", "since": "just now"}
-              if os.path.exists(self.path) and age < self.STALE_S else None)
-    if info.get("host") == socket.gethostname():
-      alive = _proc_start(int(info.get("pid", -1))) == info.get("pid_start")
-      return info if alive and info.get("pid") != os.getpid() else None
+      return None  # Empty or unparsable: see the rule above.
+    if info["host"] == socket.gethostname():
+      alive = _proc_start(info["pid"]) == info.get("pid_start")
+      return info if alive and info["pid"] != os.getpid() else None
     return info if age < self.STALE_S else None
 
   def _refuse(self, info: dict) -> None:
@@ -332,39 +367,79 @@ class WriterLock:
     if info is not None:
       self._refuse(info)
 
+  def _refused_write(self, e: OSError) -> StorageError:
+    return StorageError(
+        f"cannot write {self.path}: {e.strerror or e}; free space or point "
+        "--workdir at a writable directory, then rerun the same command")
+
   def acquire(self) -> None:
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
     token = uuid.uuid4().hex
     record = {"host": socket.gethostname(), "pid": os.getpid(),
               "pid_start": _proc_start(os.getpid()), "token": token,
               "since": datetime.datetime.now(datetime.timezone.utc).strftime(
                   "%Y-%m-%d %H:%M:%S UTC")}
-    for _ in range(2):
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+    tmp = f"{self.path}.{token}.tmp"
+    try:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      with open(tmp, "w") as f:
+        json.dump(record, f)
+      for _ in range(2):
+        if self._create(tmp, record):
+          break
         info = self._holder()
         if info is not None:
           self._refuse(info)
-        try:  # Stale: move it aside; of several contenders one wins.
-          os.rename(self.path, f"{self.path}.stale.{token}")
-          logging.warning("group %d: took over the stale writer lock %s",
-                          self.group, self.path)
-          os.remove(f"{self.path}.stale.{token}")
-        except FileNotFoundError:
-          pass  # Another contender moved it first; try to create again.
-        continue
-      except OSError as e:
-        raise StorageError(f"cannot write {self.path}: {e.strerror}; point "
-                           "--workdir at a writable directory") from None
+        self._take_over(token)
+      else:
+        self._refuse(self._holder() or {"host": "?", "pid": "?",
+                                        "since": "?"})
+    except OSError as e:
+      raise self._refused_write(e) from None
+    finally:
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+    self._token = token
+    self._thread = threading.Thread(target=self._beat, daemon=True,
+                                    name=f"writer-lock-g{self.group}")
+    self._thread.start()
+
+  def _create(self, tmp: str, record: dict) -> bool:
+    """Puts the lock in place, whole; False if one exists."""
+    try:
+      os.link(tmp, self.path)
+      return True
+    except FileExistsError:
+      return False
+    except OSError as e:
+      if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP,
+                         errno.EXDEV, errno.EMLINK):
+        raise
+    try:  # No hard links here: create exclusively and write in place.
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    try:
       with os.fdopen(fd, "w") as f:
         json.dump(record, f)
-      self._token = token
-      self._thread = threading.Thread(target=self._beat, daemon=True,
-                                      name=f"writer-lock-g{self.group}")
-      self._thread.start()
-      return
-    self._refuse(self._holder() or {"host": "?", "pid": "?", "since": "?"})
+    except OSError:
+      os.remove(self.path)  # Never leave a lock that names nobody.
+      raise
+    return True
+
+  def _take_over(self, token: str) -> None:
+    """Moves a stale lock aside (of several contenders one wins)."""
+    info = self._record()
+    try:
+      os.rename(self.path, f"{self.path}.stale.{token}")
+    except FileNotFoundError:
+      return  # Another contender moved it first; try to create again.
+    logging.warning(
+        "group %d: took over the writer lock %s (%s)", self.group, self.path,
+        f"its holder pid {info['pid']} on {info['host']} is gone" if info
+        else "it was empty or unparsable, so it names no holder")
+    os.remove(f"{self.path}.stale.{token}")
 
   def _beat(self) -> None:
     while not self._stop.wait(self.HEARTBEAT_S):

@@ -200,3 +200,90 @@ def test_the_metric_writer_keeps_torch_out_of_the_process(tmp_path):
                           text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
                           timeout=120)
   assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("content", [
+    "", "{", "[1, 2]", '{"host": "h"}', '{"host": "h", "pid": "x"}',
+    '{"host": 3, "pid": 3}', "\x00\x00\x00"])
+def test_an_empty_or_unparsable_lock_names_nobody_and_is_taken_over(
+    tmp_path, content, caplog):
+  """The stated rule: no live writer leaves such a file (locks are created
+  whole), so it is taken over with a warning naming it; once a traceback,
+  or a refusal of 'pid ? on ?' until it aged."""
+  lock = _lock(tmp_path)
+  os.makedirs(os.path.dirname(lock.path))
+  with open(lock.path, "w") as f:
+    f.write(content)
+  lock.check()  # No holder to name.
+  with caplog.at_level("WARNING"):
+    lock.acquire()
+  assert json.load(open(lock.path))["pid"] == os.getpid()
+  assert "empty or unparsable" in caplog.text
+  lock.release()
+
+
+def test_a_lock_is_never_seen_half_written(tmp_path):
+  """It is written aside and linked into place: a reader racing the writer
+  finds no lock or a whole one."""
+  lock = _lock(tmp_path)
+  lock.acquire()
+  assert sorted(os.listdir(os.path.dirname(lock.path))) == ["writer.lock"]
+  assert json.load(open(lock.path))["pid"] == os.getpid()
+  lock.release()
+  assert os.listdir(os.path.dirname(lock.path)) == []
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+  """A 1 MiB tmpfs filled to the last byte; skipped where mount fails."""
+  path = tmp_path / "full"
+  path.mkdir()
+  mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                            str(path)], capture_output=True)
+  if mounted.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr!r}")
+  (path / "group_0").mkdir()
+  with open(path / "filler", "wb", buffering=0) as f:
+    try:
+      while True:
+        f.write(b"\0" * 4096)
+    except OSError:
+      pass
+  yield path
+  subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_at_the_lock_is_one_line_and_blocks_no_rerun(full_disk):
+  lock = storage.WriterLock(str(full_disk / "group_0" / "writer.lock"), 0,
+                            str(full_disk))
+  with pytest.raises(ConfigError, match="cannot write .*writer.lock: No space "
+                     "left on device; free space"):
+    lock.acquire()
+  assert os.listdir(full_disk / "group_0") == []  # Nothing left behind.
+  os.remove(full_disk / "filler")  # Space again: the same command works.
+  lock.acquire()
+  lock.release()
+
+
+@pytest.mark.slow
+def test_a_run_started_on_a_full_disk_is_one_line_and_leaves_no_lock(
+    full_disk):
+  from tests.test_train import ROOT  # pylint: disable=g-import-not-at-top
+  workdir = str(full_disk / "run")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+  cmd = [sys.executable, "-m", "codistill_jax.main",
+         "--config=configs/flights.py:quick", f"--workdir={workdir}",
+         "--config.total_steps=5"]
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+  errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert len(errors) == 1 and "No space left on device" in errors[0], errors
+  assert "Traceback" not in result.stderr
+  left = [os.path.relpath(os.path.join(d, f), workdir)
+          for d, _, fs in os.walk(workdir) for f in fs]
+  assert not [f for f in left if "lock" in f], left
+  os.remove(full_disk / "filler")  # Space again: the same command runs.
+  again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
