@@ -39,8 +39,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codistill_jax.errors import ConfigError
+
 
 PREFIX = "noise_scale/"
+
+
+def check_config(config) -> None:
+  """config.noise_scale: measured at least once in the run when on."""
+  every = config.noise_scale.every
+  if every > config.total_steps:
+    raise ConfigError(
+        f"config.noise_scale.every={every} never acts: the first "
+        f"measurement would come after config.total_steps="
+        f"{config.total_steps}; use at most {config.total_steps} (0: off)")
 
 
 def make_noise_scale_fn(apply_fn: Callable[..., jax.Array],

@@ -138,6 +138,18 @@ class Source:
 class NoTeachers(Source):
   """Plain training: the synchronous data-parallel baseline."""
 
+  @classmethod
+  def check_config(cls, config):
+    cd = config.codistill
+    if cd.method == "average":
+      never_acts("codistill.method", "'average'", "one group has no peers "
+                 "to average with", "set config.codistill.num_groups to 2 or "
+                 "more, or method='distill'")
+    if cd.max_staleness:
+      never_acts("codistill.max_staleness", cd.max_staleness, "one group "
+                 "has no peers to wait for", "set it to 0, or "
+                 "config.codistill.num_groups to 2 or more")
+
 
 # ----------------------------------------------------------------------------
 # Peers: codistillation through shared storage.
@@ -158,6 +170,16 @@ class Peers(Source):
   distills = True
   # The dtype teachers are held in (None: config.codistill.teacher_dtype).
   dtype = None
+
+  @classmethod
+  def check_config(cls, config):
+    cd = config.codistill
+    # Teachers arrive at the first exchange and act from the next step on.
+    if cd.exchange_every >= config.total_steps:
+      never_acts("codistill.exchange_every", cd.exchange_every,
+                 f"the first exchange comes at step {cd.exchange_every} of "
+                 f"config.total_steps={config.total_steps}, so no step ever "
+                 "has a teacher", "use an interval shorter than the run")
 
   def __init__(self, ctx: Context):
     cd, group, storage = ctx.config.codistill, ctx.group, ctx.storage
@@ -305,6 +327,15 @@ class Averaging(Peers):
   shared_init = True
   distills = False
   dtype = jnp.float32  # The average is of the full-precision params.
+
+  @classmethod
+  def check_config(cls, config):
+    cd = config.codistill
+    if cd.exchange_every > config.total_steps:
+      never_acts("codistill.exchange_every", cd.exchange_every,
+                 f"the first average would come after "
+                 f"config.total_steps={config.total_steps}",
+                 "use an interval no longer than the run")
 
   def __init__(self, ctx: Context):
     super().__init__(ctx)
@@ -662,16 +693,33 @@ def check_config(config) -> None:
                       "before each exchange anyway; use at least "
                       f"{cd.exchange_every} (or 0 for no bound)")
   cls = source_class(config)
-  if cls.distills and cd.alpha > 0 and cd.burn_in_steps >= config.total_steps:
-    raise ConfigError(f"config.codistill.burn_in_steps={cd.burn_in_steps} is "
-                      f"not shorter than config.total_steps="
-                      f"{config.total_steps}: alpha would stay 0 and nothing "
-                      "would be distilled; use a shorter burn-in")
+  if cls.distills and cd.alpha > 0:
+    if cd.burn_in_steps >= config.total_steps:
+      never_acts("codistill.burn_in_steps", cd.burn_in_steps,
+                 f"it is not shorter than config.total_steps="
+                 f"{config.total_steps}: alpha would stay 0 and nothing "
+                 "would be distilled", "use a shorter burn-in")
+    if cd.burn_in_steps + cd.alpha_ramp_steps > config.total_steps:
+      acts_in_part("codistill.alpha_ramp_steps", cd.alpha_ramp_steps,
+                   f"alpha reaches only "
+                   f"{(config.total_steps - cd.burn_in_steps) / max(cd.alpha_ramp_steps, 1):.0%}"
+                   f" of config.codistill.alpha={cd.alpha} by the end of the run")
   if cd.teacher_checkpoint and "://" not in cd.teacher_checkpoint and (
       not os.path.exists(cd.teacher_checkpoint)):
     raise ConfigError(f"config.codistill.teacher_checkpoint="
                       f"{cd.teacher_checkpoint}: no such directory")
   cls.check_config(config)
+
+
+def never_acts(field: str, value, why: str, fix: str) -> None:
+  """The one rule for a setting under which its feature never acts in the
+  run: refused, naming the field (see docs/codistillation.md)."""
+  raise ConfigError(f"config.{field}={value} never acts: {why}; {fix}")
+
+
+def acts_in_part(field: str, value, what: str) -> None:
+  """...and for one under which it acts only in part: one warning at start."""
+  logging.warning("config.%s=%s acts only in part: %s", field, value, what)
 
 
 def _need_teacher_checkpoint(config) -> None:

@@ -14,6 +14,7 @@ from codistill_jax import data
 from codistill_jax import losses
 from codistill_jax import mesh
 from codistill_jax import models
+from codistill_jax import noise_scale
 from codistill_jax import optim
 from codistill_jax import sampling
 from codistill_jax import teachers
@@ -21,7 +22,7 @@ from codistill_jax import teachers
 # Owners checked in this order: a message names the first problem found.
 _CHECKS = (teachers.check_config, checkpoint.check_config,
            sampling.check_config, losses.check_config, optim.check_config,
-           models.check_config, data.check_config)
+           noise_scale.check_config, models.check_config, data.check_config)
 
 
 def validate(config, num_devices: int | None = None,

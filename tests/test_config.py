@@ -8,6 +8,7 @@ variant), so a new field without a declared range fails here.
 import glob
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -136,3 +137,60 @@ def test_loading_a_config_file_imports_no_jax(tmp_path):
   result = subprocess.run([sys.executable, "-c", code], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
   assert result.stdout.strip() == "ok", result.stderr
+
+
+# ----------------------------------------------------------------------------
+# Settings under which a feature never acts: refused by one rule (and a
+# warning for one that acts only in part).
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("overrides,field", [
+    # Codistillation: teachers first arrive after the run's last step.
+    ({"codistill.exchange_every": 200}, "codistill.exchange_every=200"),
+    ({"codistill.exchange_every": 500}, "codistill.exchange_every=500"),
+    # Averaging: the first average would come after the end.
+    ({"codistill.method": "average", "codistill.exchange_every": 201},
+     "codistill.exchange_every=201"),
+    # One group: nobody to average with, or to wait for.
+    ({"codistill.method": "average", "codistill.num_groups": 1},
+     "codistill.method='average'"),
+    ({"codistill.max_staleness": 50, "codistill.num_groups": 1},
+     "codistill.max_staleness=50"),
+    ({"codistill.burn_in_steps": 200}, "codistill.burn_in_steps=200"),
+    ({"noise_scale.every": 201}, "noise_scale.every=201"),
+])
+def test_a_feature_that_never_acts_is_refused_naming_the_field(overrides,
+                                                               field):
+  config = config_lib.load(config_lib.config_path("flights_codistill") +
+                           ":quick", {"total_steps": 200, **overrides},
+                           lock=False)
+  with pytest.raises(ConfigError, match=rf"^config\.{re.escape(field)} never "
+                     "acts: "):
+    validate.validate(config, num_devices=8)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"codistill.method": "average", "codistill.exchange_every": 200},
+    {"codistill.exchange_every": 199},
+    {"noise_scale.every": 200},
+    # Intervals of what also happens at the end act at the end.
+    {"eval_every": 10**6, "checkpoint_every": 10**6, "log_every": 10**6},
+])
+def test_a_feature_that_acts_once_is_accepted(overrides):
+  config = config_lib.load(config_lib.config_path("flights_codistill") +
+                           ":quick", {"total_steps": 200, **overrides},
+                           lock=False)
+  validate.validate(config, num_devices=8)
+
+
+def test_a_ramp_cut_short_by_the_end_is_one_warning(caplog):
+  config = config_lib.load(config_lib.config_path("flights_codistill") +
+                           ":quick", {"total_steps": 200,
+                                      "codistill.burn_in_steps": 100,
+                                      "codistill.alpha_ramp_steps": 200},
+                           lock=False)
+  with caplog.at_level("WARNING"):
+    validate.validate(config, num_devices=8)
+  (line,) = [r.getMessage() for r in caplog.records
+             if "acts only in part" in r.getMessage()]
+  assert line.startswith("config.codistill.alpha_ramp_steps=200 acts only in "
+                         "part: alpha reaches only 50%")
