@@ -7,9 +7,16 @@ any kind -- a flag, a config file that does not load, an override of no
 field, a ConfigError from the library, storage that refuses a write -- ends
 with one `error: ...` line on stderr and exit code 2, and `--help` exits 0.
 Anything else is an internal error and raises normally.
+
+A command checks all of its input before it does any work: the `check_*`
+helpers below (numbers, input directories, output paths, run directories,
+group indices) raise ConfigError naming the flag and the fix, and import
+nothing heavy, so a command that checks first and imports JAX after answers
+bad input in a fraction of a second.
 """
 
 import errno
+import json
 import logging as pylogging
 import os
 import re
@@ -19,9 +26,11 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import ml_collections
 from ml_collections import config_flags
 
 from codistill_jax import config_lib
+from codistill_jax import paths
 from codistill_jax.errors import ConfigError
 
 # The filesystem refusing a write (a full, read-only or missing workdir).
@@ -162,6 +171,115 @@ def parse_steps(text: str | None, flag: str) -> tuple[int, int] | None:
     raise ConfigError(f"{flag}={text} must be 'a:b' with a < b, e.g. "
                       f"{flag}=10:20")
   return int(m.group(1)), int(m.group(2))
+
+
+# ----------------------------------------------------------------------------
+# A command's input, checked before any work: numbers, paths, runs, groups.
+# ----------------------------------------------------------------------------
+
+def check_at_least(value, flag: str, minimum: float = 1) -> None:
+  """`value` (a flag's number) is at least `minimum`."""
+  if value is None or value < minimum:
+    what = "a positive number" if minimum == 1 else f"at least {minimum}"
+    raise ConfigError(f"{flag}={value} must be {what}, e.g. "
+                      f"{flag}={max(minimum, 1)}")
+
+
+def check_dir(path: str | None, flag: str, what: str = "directory") -> None:
+  """`path` is an existing directory this process may read."""
+  if not path:
+    raise ConfigError(f"{flag} is empty; name a {what}")
+  if os.path.islink(path) and not os.path.exists(path):
+    raise ConfigError(f"{flag}={path} is a dangling symlink or a symlink "
+                      f"loop; name a {what}")
+  if not os.path.exists(path):
+    raise ConfigError(f"{flag}={path}: no such {what}; name an existing one")
+  if not os.path.isdir(path):
+    raise ConfigError(f"{flag}={path} is a file, not a {what}; name a {what}")
+  if not os.access(path, os.R_OK | os.X_OK):
+    raise ConfigError(f"{flag}={path} is not readable by this user")
+
+
+def check_output(path: str | None, flag: str, directory: bool = False,
+                 new: bool = False) -> None:
+  """`path` can be written as a file (or a directory), without writing.
+
+  Args:
+    path: the output a command will write.
+    flag: the flag that named it ('--out'), or words for an output the
+      command names itself ('the report under --workdir'), for the message.
+    directory: a directory is written there, not a file.
+    new: `path` must not exist yet (it is never overwritten); otherwise an
+      existing file (directory) of the right kind is replaced (written into).
+  """
+  kind = "directory" if directory else "file"
+  if not path:
+    raise ConfigError(f"{flag} is empty; name a {kind} to write")
+  where = f"{flag}={path}" if flag.startswith("-") else f"{flag} {path}"
+  if "://" in path:
+    raise ConfigError(f"{where}: write to a local or NFS path")
+  if os.path.lexists(path):
+    if new:
+      raise ConfigError(f"{where} exists and is never overwritten: remove it "
+                        "or name a new path")
+    if not os.path.exists(path):
+      raise ConfigError(f"{where} is a dangling symlink or a symlink loop; "
+                        "remove it or name another path")
+    if os.path.isdir(path) != directory:
+      raise ConfigError(f"{where} is a {'file' if directory else 'directory'}"
+                        f"; name a {kind}")
+  # What is written: the output itself where it exists, else its nearest
+  # existing ancestor, which must be a directory (access() also sees a
+  # read-only filesystem, even for root).
+  probe = os.path.abspath(path)
+  while not os.path.lexists(probe):
+    probe = os.path.dirname(probe)
+  if probe != os.path.abspath(path) and not os.path.isdir(probe):
+    raise ConfigError(f"{where}: {probe} is a file, not a directory; name a "
+                      f"{kind} whose parent is a directory")
+  if not os.access(probe, os.W_OK):
+    raise ConfigError(f"{where}: {probe} is read-only for this user; name a "
+                      f"{kind} this user can write")
+
+
+def check_run(workdir: str | None, flag: str = "--workdir"):
+  """The config (a ConfigDict, from its config.json) of the run at `workdir`.
+
+  Raises ConfigError naming `flag` if `workdir` is no codistill_jax run
+  directory, or its config.json (the run's identity) is damaged.
+  """
+  check_dir(workdir, flag, "run directory")
+  path = paths.config_file(workdir)
+  if not os.path.isfile(path):
+    raise ConfigError(f"{flag}={workdir} is not a codistill_jax run "
+                      "directory (no config.json); name the --workdir a run "
+                      "was trained in")
+  try:
+    with open(path) as f:
+      config = json.load(f)
+    if not isinstance(config, dict):
+      raise ValueError("not a JSON object")
+    for key, kind in (("model_name", str), ("model", dict), ("data", dict),
+                      ("codistill", dict)):
+      if not isinstance(config.get(key), kind):
+        raise ValueError(f"no {kind.__name__} {key!r}")
+    groups = config["codistill"].get("num_groups")
+    if not isinstance(groups, int) or groups < 1:
+      raise ValueError(f"codistill.num_groups={groups!r}")
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{flag}={workdir}: its config.json (the run's "
+                      f"identity) is damaged ({_one_line(e)}); repair it or "
+                      "name another run") from None
+  return ml_collections.ConfigDict(config)
+
+
+def check_group(group: int | None, num_groups: int, flag: str,
+                where: str) -> None:
+  """`group` is one of the `num_groups` groups of `where` (a run, a config)."""
+  if group is None or not 0 <= group < num_groups:
+    have = ("only group 0" if num_groups == 1 else
+            f"groups 0..{num_groups - 1}")
+    raise ConfigError(f"{flag}={group}: {where} has {have}; name one of them")
 
 
 def init_distributed(address: str | None, num_processes: int | None,

@@ -4,10 +4,14 @@
       --workdir=/tmp/run [--config.a.b=value ...]
 
 Bad input (unknown or mistyped config fields, a bad config file, a batch that
-the devices do not divide, missing data, a workdir of another run) ends with a
-one-line `error: ...` message and exit code 2, before anything is compiled or
-written (`cli.run`).
+the devices do not divide, missing data, a workdir of another run, a
+`--groups` index the config does not have, a `--compilation_cache` that is a
+file) ends with a one-line `error: ...` message and exit code 2, before
+anything is compiled or written (`cli.run`); with `--coordinator_address`,
+before this process joins the job.
 """
+
+import os
 
 from absl import flags
 
@@ -39,14 +43,34 @@ _CACHE = flags.DEFINE_string(
 
 def main(argv):
   del argv
+  config, workdir = _CONFIG.value, _WORKDIR.value
   groups = cli.parse_groups(_GROUPS.value)
+  n = config.codistill.num_groups
+  for g in groups or ():
+    cli.check_group(g, n, "--groups",
+                    f"the config (config.codistill.num_groups={n})")
   profile = cli.parse_steps(_PROFILE.value, "--profile_steps")
+  if flags.FLAGS["compilation_cache"].present and _CACHE.value:
+    cli.check_output(os.path.expanduser(_CACHE.value), "--compilation_cache",
+                     directory=True)
+  # Imported here so that `--help` and flag errors do not pay for jax.
+  # pylint: disable=g-import-not-at-top
+  from codistill_jax import checkpoint
+  from codistill_jax import train
+  from codistill_jax import validate
+  # pylint: enable=g-import-not-at-top
+  if _COORDINATOR.value:
+    # Joining a multi-process job waits for every process, so everything
+    # but the device count is checked first: a 'data' axis of one device
+    # divides any batch. The trainer checks again with the real devices.
+    here = len(groups or range(config.codistill.num_groups))
+    validate.validate(config, num_devices=here * config.sharding.model_axis,
+                      num_groups_here=here)
+    checkpoint.check_workdir(workdir, config)
   cli.init_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                        _PROCESS_ID.value)
   cli.enable_compilation_cache(_CACHE.value)
-  # Imported here so that `--help` and flag errors do not pay for jax.
-  from codistill_jax import train  # pylint: disable=g-import-not-at-top
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, groups=groups,
+  train.train_and_evaluate(config, workdir, groups=groups,
                            profile_steps=profile)
 
 
