@@ -8,24 +8,21 @@ each model's own metrics and those of their 2-model ensemble.
   python -m codistill_jax.tools.churn --run_a=/tmp/seed0 --run_b=/tmp/seed1 \
       [--group_a=0] [--group_b=0] [--split=test] [--out=churn.json]
 
-Both runs must share the data config (the eval split is rebuilt from run a's
-config.json); the models may differ in seed or training method but not in
-architecture.
+Both runs must share the data and the loss (the eval split is rebuilt from
+run a's config.json); the models may differ in seed or training method but
+not in architecture. Everything is checked before anything is computed or
+written (one `error:` line, exit code 2): both runs are run directories, each
+`--group_*` is a group of its run with a committed checkpoint, `--split` is
+one of the data's eval splits, and `--out` can be written (a file, replaced
+if it exists).
 """
 
 import json
-import os
 
 from absl import flags
-import jax
 import ml_collections
 
-from codistill_jax import build
-from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import cli
-from codistill_jax import data as data_lib
-from codistill_jax import mesh as mesh_lib
-from codistill_jax import metrics as metrics_lib
 from codistill_jax import paths
 from codistill_jax.errors import ConfigError
 
@@ -37,27 +34,37 @@ _SPLIT = flags.DEFINE_string("split", "test", "Eval split.")
 _OUT = flags.DEFINE_string("out", None, "Optional JSON file for the result.")
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = paths.config_file(workdir)
-  if not os.path.exists(path):
-    raise ConfigError(f"{path} not found: --run_a/--run_b must be workdirs of "
-                      "codistill_jax runs")
-  try:
-    with open(path) as f:
-      return ml_collections.ConfigDict(json.load(f))
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{path} is unreadable or not JSON ({e}); is the run "
-                      "dir damaged?") from None
+def load_run_config(workdir: str, flag: str = "--run_a/--run_b"
+                    ) -> ml_collections.ConfigDict:
+  """The config of the run at `workdir` (ConfigError if it is none)."""
+  return cli.check_run(workdir, flag)
+
+
+def _datasets(config):
+  # pylint: disable-next=g-import-not-at-top
+  from codistill_jax import data as data_lib
+  return data_lib.get_module(config.data.name).get_datasets(
+      config, group=0, num_groups=1, process_index=0, process_count=1)
+
+
+def _check_split(datasets, split: str) -> None:
+  if split not in datasets.evals:
+    raise ConfigError(f"--split={split} is not one of {sorted(datasets.evals)}")
 
 
 def compare(config: ml_collections.ConfigDict, params: list, split: str,
-            mesh=None) -> dict[str, float]:
+            mesh=None, datasets=None) -> dict[str, float]:
   """Each model's metrics, their ensemble's, and churn between them."""
+  # Imported here: the command's checks of its flags do not pay for JAX.
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from codistill_jax import build
+  from codistill_jax import mesh as mesh_lib
+  from codistill_jax import metrics as metrics_lib
+  # pylint: enable=g-import-not-at-top
   mesh = mesh or mesh_lib.make_mesh(jax.devices()[:1])
-  datasets = data_lib.get_module(config.data.name).get_datasets(
-      config, group=0, num_groups=1, process_index=0, process_count=1)
-  if split not in datasets.evals:
-    raise ConfigError(f"--split={split} is not one of {sorted(datasets.evals)}")
+  datasets = datasets or _datasets(config)
+  _check_split(datasets, split)
   setup = build.build(config, datasets, mesh)
   sharding = mesh_lib.batch_sharding(mesh)
   predict = build.jit_eval_step(config, setup, predictions=True)
@@ -75,33 +82,74 @@ def compare(config: ml_collections.ConfigDict, params: list, split: str,
   return out
 
 
-def restore_group_params(config, workdir: str, group: int, mesh=None):
+def restore_group_params(config, workdir: str, group: int, mesh=None,
+                         datasets=None, flag: str = "--run"):
   """The newest own checkpoint's params of `group` in `workdir`."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from codistill_jax import build
+  from codistill_jax import checkpoint as ckpt_lib
+  from codistill_jax import mesh as mesh_lib
+  # pylint: enable=g-import-not-at-top
   mesh = mesh or mesh_lib.make_mesh(jax.devices()[:1])
-  datasets = data_lib.get_module(config.data.name).get_datasets(
-      config, group=0, num_groups=1, process_index=0, process_count=1)
-  setup = build.build(config, datasets, mesh)
+  setup = build.build(config, datasets or _datasets(config), mesh)
   return ckpt_lib.restore_params(paths.checkpoints_dir(workdir, group),
                                  setup.abstract.params,
-                                 field=f"--run (group {group})")
+                                 field=f"{flag} (group {group})")
+
+
+def check(runs: list[tuple[str, str, int, str]]) -> ml_collections.ConfigDict:
+  """Checks [(workdir, its flag, group, its flag)]; returns the first's config.
+
+  Reads only the runs' config.json files: no JAX.
+  """
+  configs = []
+  for workdir, flag, group, group_flag in runs:
+    config = load_run_config(workdir, flag)
+    cli.check_group(group, config.codistill.num_groups, group_flag,
+                    f"{flag}={workdir}")
+    configs.append(config)
+  a, b = configs[0], configs[-1]
+  if (a.model_name, a.model.to_dict()) != (b.model_name, b.model.to_dict()):
+    raise ConfigError("--run_a and --run_b hold different architectures "
+                      f"({a.model_name} {a.model.to_dict()} vs {b.model_name} "
+                      f"{b.model.to_dict()}); churn compares retrains of one "
+                      "model")
+  if (a.data.get("name"), a.get("loss")) != (b.data.get("name"), b.get("loss")):
+    raise ConfigError("--run_a and --run_b were trained on other data or "
+                      f"losses ({a.data.get('name')}/{a.get('loss')} vs "
+                      f"{b.data.get('name')}/{b.get('loss')}); churn compares "
+                      "predictions on one eval split")
+  return a
 
 
 def main(argv):
   del argv
-  config = load_run_config(_RUN_A.value)
-  other = load_run_config(_RUN_B.value)
-  if config.model.to_dict() != other.model.to_dict() or (
-      config.model_name != other.model_name):
-    raise ConfigError("--run_a and --run_b hold different architectures; "
-                      "churn compares retrains of one model")
-  params = [restore_group_params(config, _RUN_A.value, _GROUP_A.value),
-            restore_group_params(config, _RUN_B.value, _GROUP_B.value)]
-  result = compare(config, params, _SPLIT.value)
+  runs = [(_RUN_A.value, "--run_a", _GROUP_A.value, "--group_a"),
+          (_RUN_B.value, "--run_b", _GROUP_B.value, "--group_b")]
+  config = check(runs)
+  if _OUT.value:
+    cli.check_output(_OUT.value, "--out")
+  # pylint: disable-next=g-import-not-at-top
+  from codistill_jax import checkpoint as ckpt_lib
+  for workdir, flag, group, _ in runs:  # Reads nothing but the directories.
+    ckpt_lib.find_step_dir(paths.checkpoints_dir(workdir, group),
+                           f"{flag} (group {group})")
+  datasets = _datasets(config)
+  _check_split(datasets, _SPLIT.value)
+  params = [restore_group_params(config, workdir, group, datasets=datasets,
+                                 flag=flag)
+            for workdir, flag, group, _ in runs]
+  result = compare(config, params, _SPLIT.value, datasets=datasets)
   for k, v in sorted(result.items()):
     print(f"{k:45s} {v:.6f}")
   if _OUT.value:
-    with open(_OUT.value, "w") as f:
-      json.dump(result, f, indent=2)
+    try:
+      with open(_OUT.value, "w") as f:
+        json.dump(result, f, indent=2)
+    except OSError as e:
+      raise ConfigError(f"--out={_OUT.value}: cannot write it "
+                        f"({e.strerror}); name a writable file") from None
 
 
 if __name__ == "__main__":

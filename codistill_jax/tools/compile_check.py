@@ -32,6 +32,10 @@ bytes a group publishes per exchange and their time at
   python -m codistill_jax.tools.compile_check --config=configs/lm.py:size=1b \
       --topology=v5p:4x4x8 --config.codistill.num_groups=2
 
+Bad input is checked before anything compiles: the config (for the target's
+device count), `--num_devices` (positive; not with `--topology`), the sizes,
+and that `--json_out` can be written (a file, replaced if it exists).
+
 Exit codes: 0 fits (or no budget given), 2 bad input (one `error:` line),
 3 over `--max_memory_per_device` (one `error:` line naming the figure).
 """
@@ -328,19 +332,27 @@ def _target_devices():
 
 def main(argv):
   del argv
-  if _NUM_DEVICES.value is not None and _NUM_DEVICES.value < 1:
-    raise ConfigError(f"--num_devices={_NUM_DEVICES.value} must be a positive "
-                      "device count")
+  if _NUM_DEVICES.value is not None:
+    if _TOPOLOGY.value:
+      raise ConfigError("--num_devices and --topology both name the target; "
+                        "give one (a slice's devices come with --topology)")
+    cli.check_at_least(_NUM_DEVICES.value, "--num_devices")
   budget = (parse_bytes(_BUDGET.value) if _BUDGET.value is not None
             else None)
   bandwidth = parse_bytes(_BANDWIDTH.value, "--storage_bandwidth")
+  if _JSON.value is not None:
+    cli.check_output(_JSON.value, "--json_out")
   report = check(_CONFIG.value, _target_devices(), bandwidth,
                  None if _WINDOWED.value or not _TOPOLOGY.value
                  else NO_WINDOWED_EINSUM)
   print("\n".join(report.lines()))
   if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(report.to_json(), f, indent=2)
+    try:
+      with open(_JSON.value, "w") as f:
+        json.dump(report.to_json(), f, indent=2)
+    except OSError as e:
+      raise ConfigError(f"--json_out={_JSON.value}: cannot write it "
+                        f"({e.strerror}); name a writable file") from None
   if budget is not None and report.total_bytes > budget:
     cli.fail(f"the train step needs {_gib(report.total_bytes)} per device, "
              f"over --max_memory_per_device={_BUDGET.value}; use more "

@@ -4,8 +4,9 @@
 
 Every source of `corpus.SOURCES` when none is named. A source that is not
 installed prints `missing:` and the command that installs it
-(data/corpus/registry.py has the registry); a name that is no source is one
-`error:` line naming the known ones, exit code 2.
+(data/corpus/registry.py has the registry); a name that is no source, or a
+source named twice, is one `error:` line (naming the known ones), exit code
+2, before any source is read.
 """
 
 import time
@@ -22,6 +23,11 @@ def main(argv):
   if unknown:
     raise ConfigError(f"unknown source {', '.join(map(repr, unknown))}; "
                       f"known: {', '.join(corpus.SOURCES)}")
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ConfigError(f"source {', '.join(map(repr, twice))} named twice: "
+                      "its words would count twice in the total; name each "
+                      "source once")
   total = 0
   for name in names:
     start = time.time()

@@ -12,22 +12,44 @@ teacher (checkpoint, model, temperature, target format, teacher_dtype).
       --config.codistill.service.num_workers=2 [--stop]
 
 The cluster must exist (`ray start --head ...`): a local cluster started by
-this command would end with it.
+this command would end with it. Checked before anything starts (one `error:`
+line, exit code 2): the config, as a student of the service's; an address
+(host:port or 'auto') where a cluster answers; at least one worker to start.
 """
 
+import socket
+
 from absl import flags
-import ray
 
 from codistill_jax import cli
-from codistill_jax import data as data_lib
-from codistill_jax import validate
 from codistill_jax.errors import ConfigError
-from codistill_jax.service import pool as pool_lib
-from codistill_jax.service import teacher as teacher_lib
 
 _CONFIG = cli.define_config_flag()
 _STOP = flags.DEFINE_bool("stop", False,
                           "Stop every worker of this teacher instead.")
+
+
+def check_address(address: str) -> None:
+  """A Ray cluster's head answers at `address` ('host:port'; 'auto' is left
+  to Ray, which finds the cluster this machine belongs to)."""
+  field = "config.codistill.service.address"
+  if not address:
+    raise ConfigError(f"serve needs {field}=<running cluster>; '' would start "
+                      "a cluster that ends with this command")
+  if address == "auto":
+    return
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise ConfigError(f"{field}={address} must be host:port (the head's GCS "
+                      "port, `ray start --head --port=6379`) or 'auto'")
+  try:
+    socket.create_connection((host.strip("[]"), int(port)),
+                             timeout=10).close()
+  except OSError as e:
+    raise ConfigError(f"{field}={address}: no Ray cluster answers there "
+                      f"({e.strerror or e}); start one with `ray start --head "
+                      f"--port={port}` or name a running cluster's "
+                      "address") from None
 
 
 def serve(config, stop: bool = False) -> list[str]:
@@ -38,19 +60,35 @@ def serve(config, stop: bool = False) -> list[str]:
   say what the workers serve, checked as for a student of the service
   whatever its own `teacher_source`.
   """
+  # Imported here: a machine without Ray (the service extra) gets the
+  # validator's one line naming the install, not an ImportError.
+  # pylint: disable=g-import-not-at-top
+  from codistill_jax import data as data_lib
+  from codistill_jax import validate
+  # pylint: enable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.codistill.teacher_source = "service"
   validate.validate(config, num_devices=1)
   s = config.codistill.service
-  if not s.address:
-    raise ConfigError("serve needs config.codistill.service.address=<running "
-                      "cluster>; '' would start a cluster that ends with "
-                      "this command")
+  if not stop:
+    cli.check_at_least(s.num_workers, "config.codistill.service.num_workers")
+  check_address(s.address)
+  # pylint: disable=g-import-not-at-top
+  import ray
+  from codistill_jax.service import pool as pool_lib
+  from codistill_jax.service import teacher as teacher_lib
+  # pylint: enable=g-import-not-at-top
   datasets = data_lib.get_module(config.data.name).get_datasets(
       config, group=0, num_groups=1, process_index=0, process_count=1)
   spec = teacher_lib.spec_from_config(config, datasets.info,
                                       next(iter(datasets.train(0))))
-  pool_lib.connect(s.address)
+  try:
+    pool_lib.connect(s.address)
+  except (ConnectionError, TimeoutError, RuntimeError, ValueError) as e:
+    raise ConfigError(f"config.codistill.service.address={s.address}: cannot "
+                      f"join the Ray cluster there ({type(e).__name__}: "
+                      f"{' '.join(str(e).split())[:200]}); name a running "
+                      "cluster's address") from None
   try:
     if stop:
       names = [a["name"] for a in ray.util.list_named_actors(True)

@@ -6,6 +6,12 @@ probabilities (or top-k, with `config.codistill.topk`) by example index into
 
   python -m codistill_jax.tools.store_targets --config=configs/flights.py:quick \
       --teacher=/tmp/teacher_run --out=/tmp/targets
+
+Checked before the teacher runs or anything is written (one `error:` line,
+exit code 2): `--out` does not exist yet (a store is never overwritten) and
+can be created; `--teacher` holds a committed checkpoint of a model that
+predicts this config's outputs (the same checks as a student's
+`teacher_checkpoint`); the config is valid for this machine's devices.
 """
 
 import os
@@ -13,11 +19,41 @@ import os
 from absl import flags
 
 from codistill_jax import cli
-from codistill_jax import target_store
+
+
+def check(config, teacher: str, out: str) -> None:
+  """Raises ConfigError for anything `target_store.write` would trip on."""
+  cli.check_output(out, "--out", directory=True, new=True)
+  cli.check_dir(teacher, "--teacher", "run, checkpoints or step directory")
+  # Imported here: the checks above do not pay for JAX.
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from codistill_jax import build
+  from codistill_jax import checkpoint as ckpt_lib
+  from codistill_jax import data as data_lib
+  from codistill_jax import mesh as mesh_lib
+  from codistill_jax import validate
+  # pylint: enable=g-import-not-at-top
+  ckpt_lib.find_step_dir(teacher, "--teacher")
+  # The store's teacher is checked as a student's fixed teacher would be.
+  as_student = config.copy_and_resolve_references()
+  as_student.codistill.teacher_source = "checkpoint"
+  as_student.codistill.teacher_checkpoint = teacher
+  validate.validate(as_student, num_devices=jax.device_count(),
+                    num_groups_here=1)
+  datasets = data_lib.get_module(config.data.name).get_datasets(
+      config, group=0, num_groups=1, process_index=0, process_count=1)
+  build.fixed_teacher(
+      config, datasets.info,
+      build.example_inputs(next(iter(datasets.train(0)))),
+      mesh_lib.replicated(mesh_lib.make_mesh(jax.devices())), teacher,
+      field="--teacher")
 
 
 def main(argv) -> None:
   del argv
+  check(_CONFIG.value, _TEACHER.value, _OUT.value)
+  from codistill_jax import target_store  # pylint: disable=g-import-not-at-top
   manifest = target_store.write(_CONFIG.value, _TEACHER.value, _OUT.value)
   arrays = ", ".join(f"{k} {tuple(v['shape'])} {v['dtype']}"
                      for k, v in manifest["arrays"].items())
