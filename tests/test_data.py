@@ -859,3 +859,64 @@ def test_synthetic_lm_is_learnable_deterministic_and_disjoint():
   nxt, _ = synthetic_lm.successors(64, 4, 0)
   pairs = np.stack([train[:, :-1].ravel(), train[:, 1:].ravel()], 1)
   assert all(b in nxt[a] for a, b in pairs[:500])
+
+
+# ----------------------------------------------------------------------------
+# The data cache: only a cache, never fatal when it can be avoided.
+# ----------------------------------------------------------------------------
+def _flights_config(tmp_path, cache_dir=""):
+  config = config_lib.load(config_lib.config_path("flights") + ":quick",
+                           lock=False)
+  config.data.path = str(tmp_path / "flights.csv")
+  config.data.cache_dir = cache_dir
+  return config
+
+
+def test_an_unwritable_home_falls_back_to_a_temporary_cache(
+    tmp_path, monkeypatch, caplog):
+  """$HOME a file (a node without a home): once a traceback from makedirs."""
+  _write_flights_csv(tmp_path / "flights.csv")
+  home = tmp_path / "home"
+  home.write_text("not a directory")
+  monkeypatch.setenv("HOME", str(home))
+  with caplog.at_level("WARNING"):
+    ds = flights.get_datasets(_flights_config(tmp_path), group=0,
+                              num_groups=1, process_index=0, process_count=1)
+  assert ds.info["num_train_examples"] > 0
+  assert "cannot be written" in caplog.text and "config.data.cache_dir" in (
+      caplog.text)
+
+
+def test_a_named_cache_dir_that_cannot_be_written_is_named(tmp_path):
+  _write_flights_csv(tmp_path / "flights.csv")
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(ConfigError, match=r"^config\.data\.cache_dir=.*file/c "
+                     "cannot be created or written"):
+    flights.get_datasets(_flights_config(tmp_path, str(blocker / "c")),
+                         group=0, num_groups=1, process_index=0,
+                         process_count=1)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_a_damaged_cache_entry_is_built_again(tmp_path, damage, caplog):
+  _write_flights_csv(tmp_path / "flights.csv")
+  cache = tmp_path / "cache"
+  config = _flights_config(tmp_path, str(cache))
+  kwargs = dict(group=0, num_groups=1, process_index=0, process_count=1)
+  first = flights.get_datasets(config, **kwargs)
+  (entry,) = cache.iterdir()
+  size = entry.stat().st_size
+  with open(entry, "r+b") as f:
+    if damage == "truncate":
+      f.truncate(size // 2)
+    elif damage == "garbage":
+      f.write(np.random.default_rng(0).bytes(size))
+    else:
+      f.truncate(0)
+  flights._arrays.cache_clear()  # pylint: disable=protected-access
+  with caplog.at_level("WARNING"):
+    again = flights.get_datasets(config, **kwargs)
+  assert "is damaged" in caplog.text
+  assert again.info["num_train_examples"] == first.info["num_train_examples"]
+  assert entry.stat().st_size == size  # Written again, whole.

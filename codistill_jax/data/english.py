@@ -131,8 +131,9 @@ def load(config) -> tuple[dict[str, np.ndarray], spm.Tokenizer]:
   path = os.path.join(cache, "english-" + hashlib.sha256(
       blob.encode()).hexdigest()[:20] + ".npz")
   if os.path.exists(path):
-    with np.load(path) as cached:
-      return {k: cached[k] for k in cached.files}, tok
+    cached = sources_lib.read_cached(path, lambda: sources_lib.load_npz(path))
+    if cached is not None:
+      return cached, tok
   windows = {}
   for name, docs in by_split.items():
     ids = spm.encode_documents(tok, list(corpus.texts(docs)))
@@ -142,9 +143,7 @@ def load(config) -> tuple[dict[str, np.ndarray], spm.Tokenizer]:
                         f"fewer than config.data.seq_len + 1 = "
                         f"{data.seq_len + 1} tokens: lower seq_len or add "
                         "documents")
-  tmp = f"{path}.tmp{os.getpid()}.npz"
-  np.savez(tmp, **windows)
-  os.replace(tmp, path)
+  sources_lib.save_npz(path, windows)
   return windows, tok
 
 

@@ -33,12 +33,14 @@ import importlib.util
 import json
 import os
 
+from absl import logging
 import numpy as np
 
 from codistill_jax.data import order
 from codistill_jax.data import pipeline
 from codistill_jax.data import sources
 from codistill_jax.errors import ConfigError
+from codistill_jax.errors import StorageError
 
 CATEGORICAL = ("carrier", "tailnum", "flight", "origin", "dest", "month",
                "weekday", "hour")
@@ -183,27 +185,29 @@ def _arrays(path: str, stamp, split_seed: int, cache_dir: str | None):
        split_seed, _source_version(path)]).encode()).hexdigest()[:16]
   file = os.path.join(cache_dir, f"flights-{key}.npz") if cache_dir else None
   if file and os.path.exists(file):
-    try:
-      with np.load(file, allow_pickle=False) as z:
-        info = json.loads(str(z["info"]))
-        info["cardinalities"] = tuple(info["cardinalities"])
-        info["feature_names"] = {k: tuple(v) for k, v in
-                                 info["feature_names"].items()}
-        out = {name: {part: z[f"{name}/{part}"] for part in
-                      ("cat", "dense", "labels")} for name in info["splits"]}
-      del info["splits"]
-      return out, info
-    except (OSError, ValueError, KeyError):
-      pass  # A damaged cache: make it again.
+    cached = sources.read_cached(file, lambda: _read_cache(file))
+    if cached is not None:  # (None: a damaged cache, made again.)
+      return cached
   out, info = _compute(path, split_seed)
   if file:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{file}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-      np.savez(f, info=json.dumps({**info, "splits": list(out)}),
-               **{f"{name}/{part}": a for name, s in out.items()
-                  for part, a in s.items()})
-    os.replace(tmp, file)
+    try:
+      sources.save_npz(file, {
+          "info": json.dumps({**info, "splits": list(out)}),
+          **{f"{name}/{part}": a for name, s in out.items()
+             for part, a in s.items()}})
+    except StorageError as e:  # Only a cache: the run goes on without it.
+      logging.warning("%s; going on without the cache", e)
+  return out, info
+
+
+def _read_cache(file: str):
+  z = sources.load_npz(file)
+  info = json.loads(str(z["info"]))
+  info["cardinalities"] = tuple(info["cardinalities"])
+  info["feature_names"] = {k: tuple(v) for k, v in
+                           info["feature_names"].items()}
+  out = {name: {part: z[f"{name}/{part}"] for part in
+                ("cat", "dense", "labels")} for name in info.pop("splits")}
   return out, info
 
 

@@ -132,16 +132,16 @@ def load(config) -> tuple[dict[str, np.ndarray], tokenizer_lib.Tokenizer, str]:
                       f"kernel_docs-{_cache_key(data.path, files, config)}")
   windows_path, vocab_path = stem + ".npz", stem + ".vocab.json"
   if os.path.exists(windows_path) and os.path.exists(vocab_path):
-    with np.load(windows_path) as cached:
-      windows = {k: cached[k] for k in cached.files}
-    return windows, tokenizer_lib.Tokenizer.load(vocab_path), vocab_path
+    cached = sources.read_cached(
+        windows_path, lambda: (sources.load_npz(windows_path),
+                               tokenizer_lib.Tokenizer.load(vocab_path)))
+    if cached is not None:
+      return (*cached, vocab_path)
   windows, tok = build(data.path, files, data.vocab_size, data.seq_len, seed)
   # The vocabulary first and the windows last (each by an atomic rename): the
   # .npz existing means both are complete.
   tok.save(vocab_path)
-  tmp = f"{stem}.tmp{os.getpid()}.npz"
-  np.savez(tmp, **windows)
-  os.replace(tmp, windows_path)
+  sources.save_npz(windows_path, windows)
   return windows, tok, vocab_path
 
 

@@ -6,10 +6,16 @@ batches (`pipeline.py`).
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import tempfile
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import numpy as np
 
 from codistill_jax.errors import ConfigError
+from codistill_jax.errors import StorageError
 
 
 def file_stamp(path: str) -> tuple[int, int] | None:
@@ -20,12 +26,82 @@ def file_stamp(path: str) -> tuple[int, int] | None:
   return st.st_size, st.st_mtime_ns
 
 
+def _writable_dir(path: str) -> bool:
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return False
+  return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
 def cache_dir(config) -> str:
-  """`config.data.cache_dir`, or ~/.cache/codistill_jax when it is ''."""
-  path = config.data.get("cache_dir", "") or os.path.join(
-      os.path.expanduser("~"), ".cache", "codistill_jax")
-  os.makedirs(path, exist_ok=True)
-  return path
+  """`config.data.cache_dir`, or ~/.cache/codistill_jax when it is ''.
+
+  A cache_dir the config names must be writable (else a ConfigError naming
+  it). The default one may not be (a read-only or missing $HOME on a
+  cluster node): then a per-user folder in the temporary directory serves,
+  with one warning, and only when neither can be written is it an error.
+  """
+  named = config.data.get("cache_dir", "")
+  if named:
+    if not _writable_dir(named):
+      raise ConfigError(f"config.data.cache_dir={named} cannot be created or "
+                        "written; point it at a writable directory")
+    return named
+  home = os.path.join(os.path.expanduser("~"), ".cache", "codistill_jax")
+  if _writable_dir(home):
+    return home
+  fallback = os.path.join(tempfile.gettempdir(),
+                          f"codistill_jax-cache-{os.getuid()}")
+  if not _writable_dir(fallback):
+    raise ConfigError(f"neither {home} nor {fallback} can be written for the "
+                      "data cache; set config.data.cache_dir to a writable "
+                      "directory")
+  logging.warning("%s cannot be written (HOME=%s); caching data in %s: set "
+                  "config.data.cache_dir to choose where", home,
+                  os.environ.get("HOME", ""), fallback)
+  return fallback
+
+
+def read_cached(path: str, read: Callable[[], Any]) -> Any:
+  """`read()` of a cache entry, or None (with a warning) when it is damaged:
+  a cache is rebuilt, never trusted or fatal."""
+  try:
+    return read()
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("data cache %s is damaged (%s: %s); building it again",
+                    path, type(e).__name__, str(e).splitlines()[0][:120]
+                    if str(e) else "")
+    return None
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as z:
+    return {k: z[k] for k in z.files}
+
+
+def save_npz(path: str, arrays: dict[str, Any]) -> None:
+  """Writes arrays to `path` atomically (see `cache_write`)."""
+  with cache_write(path) as tmp, open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+
+
+@contextlib.contextmanager
+def cache_write(path: str) -> Iterator[str]:
+  """Yields a temporary name to write `path` under; renames it into place
+  when the block ends, removes it on a failure. A full or read-only cache is
+  a StorageError naming it and the fix."""
+  tmp = f"{path}.tmp.{os.getpid()}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  except OSError as e:
+    raise StorageError(
+        f"cannot write the data cache {path}: {e.strerror or e}; free space "
+        "or set config.data.cache_dir to a writable directory") from None
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def check_tfds_source(config, example: str) -> None:

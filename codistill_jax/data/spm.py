@@ -37,6 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from codistill_jax.data import sources
 from codistill_jax.data import tokenizer as tokenizer_lib
 from codistill_jax.errors import ConfigError
 
@@ -278,10 +279,8 @@ def train(texts: Iterable[str], *, cache_dir: str, key: str,
 
 
 def _write_atomic(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
+  with sources.cache_write(path) as tmp, open(tmp, "wb") as f:
     f.write(data)
-  os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------

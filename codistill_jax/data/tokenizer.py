@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import re
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from codistill_jax.data import sources
 
 PAD = 0
 UNK = 1
@@ -96,10 +97,9 @@ class Tokenizer:
 
   def save(self, path: str) -> None:
     """Writes the vocabulary as JSON, atomically (a reader never sees half)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with sources.cache_write(path) as tmp, open(tmp, "w",
+                                                encoding="utf-8") as f:
       json.dump({"vocab": list(self.vocab)}, f, ensure_ascii=False)
-    os.replace(tmp, path)
 
   @classmethod
   def load(cls, path: str) -> Tokenizer:
