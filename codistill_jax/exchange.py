@@ -527,14 +527,19 @@ class PeerReader:
   # -- What the train step consumes. ---------------------------------------
   def teachers(self) -> step_lib.Teachers:
     """Stacked params of the peers held now; weight 0 where none yet."""
+    return self.snapshot()[0]
+
+  def snapshot(self) -> tuple[step_lib.Teachers, dict[int, int | None]]:
+    """(`teachers()`, `held_steps()`) of one moment: a background restore
+    cannot land between the two."""
     with self._lock:
-      held = [(s.step, s.params) for s in self.slots]
-    key = tuple(step for step, _ in held)
+      held = [(s.group, s.step, s.params) for s in self.slots]
+    key = tuple(step for _, step, _ in held)
     if self._teachers is None or self._teachers[0] != key:
-      trees = [p if p is not None else self._zeros() for _, p in held]
-      weights = np.array([p is not None for _, p in held], np.float32)
+      trees = [p if p is not None else self._zeros() for _, _, p in held]
+      weights = np.array([p is not None for _, _, p in held], np.float32)
       self._teachers = (key, self._stack(weights, *trees))
-    return self._teachers[1]
+    return self._teachers[1], {g: step for g, step, _ in held}
 
   def held_steps(self) -> dict[int, int | None]:
     """{peer: the step of the params held (None: nothing yet)}."""

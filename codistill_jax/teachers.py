@@ -222,8 +222,8 @@ class Peers(Source):
   def step_args(self, step):
     if self._wall0 is None:
       self._wall0 = time.time()
-    teachers = self._timed(self.reader.teachers)
-    for group, held in self.reader.held_steps().items():
+    teachers, steps = self._timed(self.reader.snapshot)
+    for group, held in steps.items():
       if held is not None:  # How many steps older the teacher is.
         w = self._window[group]
         w[:] = w[0] + step - held, max(w[1], step - held), w[2] + 1, held
@@ -382,15 +382,14 @@ class Averaging(Peers):
   def update(self, step, state):
     if not cadence.is_time(step, self.every):
       return state
-    peers = self.reader.teachers()
+    peers, held = self.reader.snapshot()  # One moment: weights and steps.
     if self.synchronous:  # Only peers of this step (not ones given up).
-      held = self.reader.held_steps()
       peers = peers.replace(weights=jnp.asarray(
           [held[s.group] == step for s in self.reader.slots], jnp.float32))
     self._drifts.append(self._drift(state, peers))
     self.averaged_with = float(sum(
         h is not None and (not self.synchronous or h == step)
-        for h in self.reader.held_steps().values()))
+        for h in held.values()))
     return self._timed(self._outer, state, peers)
 
   def metrics(self, step):
