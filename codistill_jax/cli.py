@@ -334,13 +334,15 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def run(main: Callable[[list[str]], None], required: Sequence[str] = (),
-        positional: bool = False) -> None:
+        positional: bool = False, output: str = "--workdir") -> None:
   """`app.run(main)` with one-line errors for bad input (see module doc).
 
   Args:
     main: called with argv (the program name, then positional arguments).
     required: flags that must be given.
     positional: whether the command takes positional arguments.
+    output: the flag that says where the command writes, named when the
+      filesystem refuses a write ('--workdir': a rerun resumes).
   """
 
   def guarded(argv):
@@ -352,16 +354,19 @@ def run(main: Callable[[list[str]], None], required: Sequence[str] = (),
     except OSError as e:
       if e.errno not in _REFUSED or not e.filename:
         raise
-      fix = ("free space or point --workdir at a filesystem with room"
+      fix = (f"free space or point {output} at a filesystem with room"
              if e.errno in _FULL else
-             "point --workdir at a writable directory")
+             f"point {output} at a writable directory")
+      resumes = (": it resumes from the last committed checkpoint"
+                 if output == "--workdir" else "")
       fail(f"cannot write {e.filename}: {e.strerror}; {fix}, then rerun the "
-           "same command: it resumes from the last committed checkpoint")
+           f"same command{resumes}")
     except FloatingPointError as e:
       fail(str(e), code=1)
     except KeyboardInterrupt:  # Before the loop (which saves and exits 0).
       fail("interrupted before training started; nothing was saved: rerun "
-           "the same command", code=130)
+           "the same command" if output == "--workdir" else
+           "interrupted: rerun the same command", code=130)
     except RuntimeError as e:
       if "Unable to initialize backend" not in str(e):
         raise

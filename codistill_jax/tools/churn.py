@@ -153,4 +153,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, required=("run_a", "run_b"))
+  cli.run(main, required=("run_a", "run_b"), output="--out")

@@ -362,4 +362,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, required=("config",))
+  cli.run(main, required=("config",), output="--json_out")

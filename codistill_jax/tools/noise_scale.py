@@ -106,6 +106,7 @@ def main(argv):
     num_groups, where = (cli.check_run(workdir).codistill.num_groups,
                          f"--workdir={workdir}")
   else:
+    cli.check_output(workdir, "--workdir", directory=True)
     num_groups, where = config.codistill.num_groups, "--config"
   cli.check_group(group, num_groups, "--group", where)
   cli.check_output(report_file(workdir, group), "the report under --workdir")

@@ -69,4 +69,5 @@ if __name__ == "__main__":
       "teacher", None, "The trained teacher: a run dir, checkpoints dir or "
       "step dir.")
   _OUT = flags.DEFINE_string("out", None, "The store directory to create.")
-  cli.run(main, required=("config", "teacher", "out"))
+  cli.run(main, required=("config", "teacher", "out"),
+          output="--out")
