@@ -15,13 +15,20 @@ seconds (step, loss, steps/s); at the end, each group's final metrics, where
 the logs and TensorBoard events are, and one of these exit codes:
 
   0   every group finished its config.total_steps
-  75  stopped early (SIGTERM or Ctrl-C to the launcher, a preemption): every
-      group saved a checkpoint; rerun the same command to resume
-  2   bad input (one `error:` line, as from codistill_jax.main)
+  75  stopped early (SIGTERM or Ctrl-C to the launcher, a preemption) after
+      at least one group saved a checkpoint: rerun the same command to resume
+      (a group that saved nothing starts over)
+  2   bad input (one `error:` line, as from codistill_jax.main), found here
+      before any process starts, or by the groups' own checks
+  128+N  stopped by signal N before any group saved: nothing to resume
   other  a group failed: its exit code, with its error line and log path
 
-The config is validated here before anything starts, so a typo is the same
-one line as through `codistill_jax.main`. SIGTERM or SIGINT to the launcher
+Everything the launcher can check is checked before a process starts or a
+file is written: its own flags (positive counts, `--groups` of the config,
+each once, a known `--platform`), the config (as through
+`codistill_jax.main`, for one device per group) and the workdir (writable,
+not a run of another config). A failed group's error also ends the
+launcher's stderr as one `error:` line. SIGTERM or SIGINT to the launcher
 becomes SIGTERM to every process (each saves a checkpoint and exits), and
 the processes die with the launcher however it ends (Linux: the kernel sends
 them SIGTERM when it exits, even on SIGKILL). Logs go to
@@ -42,11 +49,9 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
-from codistill_jax import checkpoint as ckpt_lib
 from codistill_jax import cli
-from codistill_jax import metrics as metrics_lib
 from codistill_jax import paths
-from codistill_jax import validate
+from codistill_jax.errors import ConfigError
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = cli.define_config_flag()
@@ -64,6 +69,8 @@ _PROGRESS = flags.DEFINE_float("progress_every", 15.0,
                                "Seconds between progress lines (0: none).")
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped early, saved, resumable.
+# JAX's platform names (a comma-separated list picks the first that works).
+PLATFORMS = ("cpu", "gpu", "cuda", "rocm", "tpu")
 
 
 def free_port() -> int:
@@ -112,11 +119,35 @@ def commands(config_args: list[str], workdir: str, groups: list[int],
   return out
 
 
+def config_flags(argv: list[str]) -> list[str]:
+  """The config flags exactly as given (file, ':arg' and overrides), for the
+  children; a flag's value may be the next argument (`--config FILE`)."""
+  out = []
+  for i, a in enumerate(argv):
+    if a == "--":
+      break
+    name = a.lstrip("-").partition("=")[0]
+    if name == "config" or name.startswith(("config.", "noconfig.")):
+      out.append(a)
+      if ("=" not in a and not name.startswith("noconfig.") and
+          i + 1 < len(argv) and not argv[i + 1].startswith("-")):
+        out.append(argv[i + 1])
+  return out
+
+
+def _rows(path: str) -> list[dict]:
+  """A metrics file's rows; [] while it is missing or unreadable (the
+  launcher only reports: the groups own their files)."""
+  # pylint: disable-next=g-import-not-at-top
+  from codistill_jax import metrics as metrics_lib
+  try:
+    return metrics_lib.read_jsonl(path)
+  except (OSError, ValueError):
+    return []
+
+
 def _last_row(workdir: str, g: int, key: str) -> dict | None:
-  path = paths.metrics_file(workdir, g)
-  if not os.path.exists(path):
-    return None
-  rows = [r for r in metrics_lib.read_jsonl(path) if key in r]
+  rows = [r for r in _rows(paths.metrics_file(workdir, g)) if key in r]
   return rows[-1] if rows else None
 
 
@@ -142,16 +173,15 @@ def _error_line(log: str) -> str:
 def _summary(workdir: str, groups: list[int]) -> None:
   rows = {}
   for g in groups:
-    row = _last_row(workdir, g, "step")
-    evals = [r for r in (metrics_lib.read_jsonl(paths.metrics_file(workdir, g))
-                         if row else []) if any("/" in k and not k.startswith(
-                             ("staleness", "restore_failures", "service",
-                              "stored")) for k in r)]
+    evals = [r for r in _rows(paths.metrics_file(workdir, g))
+             if any("/" in k and not k.startswith(
+                 ("staleness", "restore_failures", "service", "stored"))
+                    for k in r)]
     if evals:
       rows[f"group {g}"] = evals[-1]
-  ens = os.path.join(paths.ensemble_dir(workdir), "metrics.jsonl")
-  if os.path.exists(ens) and metrics_lib.read_jsonl(ens):
-    rows["ensemble"] = metrics_lib.read_jsonl(ens)[-1]
+  ensemble = _rows(os.path.join(paths.ensemble_dir(workdir), "metrics.jsonl"))
+  if ensemble:
+    rows["ensemble"] = ensemble[-1]
   if rows:
     keys = sorted({k for r in rows.values() for k in r
                    if k not in ("step", "time")})
@@ -160,38 +190,88 @@ def _summary(workdir: str, groups: list[int]) -> None:
     print(f"  {'':<10}" + "".join(f"{k:>22}" for k in keys))
     for name, r in rows.items():
       print(f"  {name:<10}" + "".join(
-          f"{r[k]:>22.4f}" if k in r else f"{'-':>22}" for k in keys))
+          f"{r[k]:>22.4f}" if isinstance(r.get(k), (int, float)) else
+          f"{'-':>22}" for k in keys))
   print(f"logs: {paths.logs_dir(workdir)}/  metrics: "
         f"{paths.group_dir(workdir, 0)[:-1]}*/metrics.jsonl  TensorBoard: "
         f"tensorboard --logdir={workdir}", flush=True)
 
 
+def check_flags(config) -> list[int]:
+  """The launcher's own flags (no JAX, nothing read); returns the groups."""
+  cli.check_at_least(_PROCS.value, "--processes_per_group")
+  cli.check_at_least(_DEVICES.value, "--devices_per_process")
+  cli.check_at_least(_PROGRESS.value, "--progress_every", 0)
+  num_groups = config.codistill.num_groups
+  groups = cli.parse_groups(_GROUPS.value)
+  for g in groups or ():
+    cli.check_group(g, num_groups, "--groups",
+                    f"the config (config.codistill.num_groups={num_groups})")
+    if groups.count(g) > 1:
+      raise ConfigError(f"--groups={','.join(_GROUPS.value)} names group {g} "
+                        "twice; a group is one job: name each once")
+  for name in (_PLATFORM.value or "").split(","):
+    if name and name.strip().lower() not in PLATFORMS:
+      raise ConfigError(f"--platform={_PLATFORM.value}: {name!r} is no JAX "
+                        f"platform; use one of {', '.join(PLATFORMS)} (or "
+                        "leave --platform out: JAX picks what is here)")
+  return groups or list(range(num_groups))
+
+
+def failed_process(codes: dict[str, int], stopped: bool) -> str | None:
+  """The first process that failed: it exited non-zero, or a signal the
+  launcher did not send killed it (one killed by the launcher's own SIGTERM
+  while it started, before it could save, did not fail)."""
+  return next((log for log, c in codes.items()
+               if c > 0 or (c < 0 and not stopped)), None)
+
+
+def exit_code(saved: dict[int, int], total: int,
+              signal_number: int | None) -> tuple[int, str]:
+  """The exit code and last line of a launch in which no process failed.
+
+  Args:
+    saved: each group's newest committed step (0: none).
+    total: config.total_steps.
+    signal_number: the signal that stopped the launcher, if one did.
+  """
+  if all(s >= total for s in saved.values()):
+    return 0, f"finished: {total} steps in every group"
+  why = " after a signal" if signal_number else ""
+  if any(saved.values()):
+    fresh = [g for g, s in saved.items() if not s]
+    return EXIT_PREEMPTED, (
+        f"stopped early at steps {saved} of {total}{why}: rerun the same "
+        "command to resume" + (f" (group(s) {fresh} saved nothing and start "
+                               "over)" if fresh else ""))
+  return (128 + signal_number if signal_number else 1), (
+      f"stopped{why} before any group saved a checkpoint: nothing to "
+      "resume; rerun the same command to start over")
+
+
 def main(argv):
   del argv
   config, workdir = _CONFIG.value, _WORKDIR.value
-  num_groups = config.codistill.num_groups
-  groups = cli.parse_groups(_GROUPS.value) or list(range(num_groups))
+  groups = check_flags(config)
   # The same one-line errors as codistill_jax.main, before anything starts.
-  # (Each child checks its own devices when it starts.)
+  # (Each child checks its own devices when it starts.) Imported here: the
+  # flags' errors above do not pay for JAX.
+  # pylint: disable=g-import-not-at-top
+  from codistill_jax import checkpoint as ckpt_lib
+  from codistill_jax import validate
+  # pylint: enable=g-import-not-at-top
   validate.validate(config, num_devices=1, num_groups_here=1)
   ckpt_lib.check_workdir(workdir, config)
-  # Pass the config flags on exactly as given (file, ':arg' and overrides).
-  config_args = [a for a in sys.argv[1:] if a.startswith("--config")]
   logdir = paths.logs_dir(workdir)
-  os.makedirs(logdir, exist_ok=True)
-  procs = []
-  for cmd, env, log in commands(config_args, workdir, groups, _PROCS.value,
-                                _DEVICES.value, _PLATFORM.value):
-    f = open(os.path.join(logdir, log), "a")
-    # Own session: a terminal's Ctrl-C reaches only the launcher, which turns
-    # it into SIGTERM for every process (save a checkpoint, exit cleanly).
-    procs.append((subprocess.Popen(
-        cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=_die_with_parent(os.getpid())),
-                  log, f))
-    print(f"started {log}: {' '.join(cmd[1:])}", flush=True)
+  cli.check_output(logdir, "the log directory under --workdir",
+                   directory=True)
+  todo = commands(config_flags(sys.argv[1:]), workdir, groups, _PROCS.value,
+                  _DEVICES.value, _PLATFORM.value)
+  for _, _, log in todo:
+    cli.check_output(os.path.join(logdir, log), "a log under --workdir")
 
-  stopping = []
+  # Handlers first: a signal while the processes start stops the rest.
+  procs, stopping = [], []
 
   def forward(signum, frame):
     del frame
@@ -202,13 +282,31 @@ def main(argv):
 
   signal.signal(signal.SIGTERM, forward)
   signal.signal(signal.SIGINT, forward)
+  os.makedirs(logdir, exist_ok=True)
+  for cmd, env, log in todo:
+    if stopping:
+      break
+    f = open(os.path.join(logdir, log), "a")
+    # Own session: a terminal's Ctrl-C reaches only the launcher, which turns
+    # it into SIGTERM for every process (save a checkpoint, exit cleanly).
+    procs.append((subprocess.Popen(
+        cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+        start_new_session=True, preexec_fn=_die_with_parent(os.getpid())),
+                  log, f))
+    print(f"started {log}: {' '.join(cmd[1:])}", flush=True)
+    if stopping:  # Arrived while it started: it gets the SIGTERM too.
+      forward(stopping[0], None)
+
   codes, last_progress = {}, time.time()
   while len(codes) < len(procs):
     for proc, log, f in procs:
       if log not in codes and proc.poll() is not None:
         codes[log] = proc.returncode
         f.close()
-        if proc.returncode:
+        if proc.returncode < 0 and stopping:
+          print(f"{log} stopped by signal {-proc.returncode} while it "
+                "started", flush=True)
+        elif proc.returncode:
           print(f"{log} failed (exit {proc.returncode}): "
                 f"{_error_line(os.path.join(logdir, log))}", flush=True)
     if _PROGRESS.value and time.time() - last_progress > _PROGRESS.value:
@@ -217,18 +315,20 @@ def main(argv):
     time.sleep(0.2)
 
   _summary(workdir, groups)
-  bad = [c for c in codes.values() if c]
-  if bad:
-    print(f"failed: see {logdir}/", flush=True)
-    sys.exit(bad[0])
   saved = {g: (ckpt_lib.committed_steps(paths.checkpoints_dir(workdir, g))
                or [0])[-1] for g in groups}
-  if any(s < config.total_steps for s in saved.values()):
-    print(f"stopped early at steps {saved} of {config.total_steps}"
-          f"{' after a signal' if stopping else ''}: every group saved; "
-          "rerun the same command to resume", flush=True)
-    sys.exit(EXIT_PREEMPTED)
-  print(f"finished: {config.total_steps} steps in every group", flush=True)
+  failed = failed_process(codes, bool(stopping))
+  if failed:
+    code = codes[failed] if codes[failed] > 0 else 128 - codes[failed]
+    error = _error_line(os.path.join(logdir, failed)).removeprefix("error: ")
+    print(f"failed: see {logdir}/", flush=True)
+    cli.fail(f"{failed} (exit {codes[failed]}): "
+             f"{error.splitlines()[0] if error else 'no error line'}; its "
+             f"log: {os.path.join(logdir, failed)}", code=code)
+  code, line = exit_code(saved, config.total_steps,
+                         stopping[0] if stopping else None)
+  print(line, flush=True)
+  sys.exit(code)
 
 
 if __name__ == "__main__":

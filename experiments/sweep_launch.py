@@ -21,21 +21,30 @@ Launchers (`--launcher`):
 Before printing or running anything, every command's flags are parsed with
 the same config machinery as `main.py` and validated (`--novalidate` to
 skip, e.g. where the data is not mounted), so a typo fails here and not in a
-queue. `--dry_run` prints the commands; without it `shell` runs them and the
-others print them for you to submit (this script never talks to a cluster).
+queue; so are this script's own flags (the config file and its `sweep()`,
+`--sweep`, `--extra`, `--nodes_per_group`, and for `shell` the paths it
+writes and runs: `--workdir_root` and each point's workdir, `--repo_dir`,
+`--python`). Bad input is one `error:` line and exit code 2 with nothing
+printed, started or written. `--dry_run` prints the commands; without it
+`shell` runs them and the others print them for you to submit (this script
+never talks to a cluster).
 """
 
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
-from absl import app
 from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from codistill_jax import cli
+from codistill_jax.errors import ConfigError
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = flags.DEFINE_string(
     "config", None, "Config file with optional ':arg', as for main.py.")
@@ -78,6 +87,29 @@ def load_config_module(path: str):
   return config_lib.load_module(path)
 
 
+def sweep_points(module, path: str, sweep_name: str | None) -> list[dict]:
+  """The config file's sweep points, checked to be a list of dicts of
+  dotted overrides."""
+  sweep = getattr(module, "sweep", None)
+  if sweep_name and not callable(sweep):
+    raise ConfigError(f"--sweep={sweep_name}: {path} defines no sweep()")
+  try:
+    points = (sweep(sweep_name) if sweep_name else
+              sweep() if callable(sweep) else [{}])
+  except Exception as e:  # pylint: disable=broad-except
+    what = f"sweep({sweep_name!r})" if sweep_name else "sweep()"
+    raise ConfigError(f"{'--sweep=' + sweep_name if sweep_name else path}: "
+                      f"{what} raised {type(e).__name__}: "
+                      f"{' '.join(str(e).split())}") from None
+  if not isinstance(points, (list, tuple)) or not points or not all(
+      isinstance(p, dict) and all(isinstance(k, str) for k in p)
+      for p in points):
+    raise ConfigError(f"{path}: sweep({sweep_name or ''}) must return a "
+                      "non-empty list of dicts of dotted overrides, e.g. "
+                      "[{'seed': 0}, {'seed': 1}]")
+  return list(points)
+
+
 def flag_value(value) -> str:
   """A value as `--config.a.b=` parses it back (tuples in Python syntax)."""
   if isinstance(value, (tuple, list)):
@@ -100,16 +132,14 @@ def job_argvs(config_arg: str, root: str, extra: list[str],
 
   With `one_job`, one entry per point whose group is 'all' (no --groups).
   """
-  path, _, arg = config_arg.partition(":")
+  from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
+  path = config_arg.partition(":")[0]
   module = load_config_module(path)
-  if sweep_name:
-    points = module.sweep(sweep_name)
-  else:
-    points = module.sweep() if hasattr(module, "sweep") else [{}]
+  points = sweep_points(module, path, sweep_name)
+  config = config_lib.load_file(config_arg)  # One line if get_config fails.
   out = []
   for i, point in enumerate(points):
     overrides = [f"--config.{k}={flag_value(v)}" for k, v in point.items()]
-    config = module.get_config(arg or None)
     groups = point.get("codistill.num_groups", config.codistill.num_groups)
     for x in extra:  # An extra flag may set the group count too.
       m = re.fullmatch(r"--config\.codistill\.num_groups=(\d+)", x)
@@ -130,17 +160,55 @@ def job_argvs(config_arg: str, root: str, extra: list[str],
   return out
 
 
-def validate(argv: list[str]) -> None:
-  """Parses `argv` with main.py's config flags; raises on any problem."""
-  from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
+def job_config(argv: list[str], validate: bool = True):
+  """The config `argv` (main.py's flags) gives; raises on any problem.
+
+  With `validate`, the config is checked as main.py checks it, but for one
+  device per group: the cluster's own divisibility is checked when each job
+  starts (or by compile_check).
+  """
+  # pylint: disable=g-import-not-at-top
+  from codistill_jax import config_lib
+  from codistill_jax import validate as validate_lib
+  # pylint: enable=g-import-not-at-top
   config_arg = next(a.partition("=")[2] for a in argv
                     if a.startswith("--config="))
   config = config_lib.load(config_arg, [a[2:] for a in argv
                                         if a.startswith("--config.")])
-  # One device per group is enough to check the fields; the cluster's own
-  # divisibility is checked when each job starts (or by compile_check).
-  from codistill_jax import validate as validate_lib  # pylint: disable=g-import-not-at-top
-  validate_lib.validate(config, num_devices=1, num_groups_here=1)
+  if validate:
+    validate_lib.validate(config, num_devices=1, num_groups_here=1)
+  return config
+
+
+def check_flags() -> None:
+  """This script's own flags (nothing read but the paths it names)."""
+  cli.check_at_least(_NODES.value, "--nodes_per_group")
+  for x in _EXTRA.value:
+    name = x.partition("=")[0]
+    if not x.startswith("--") or name == "--":
+      raise ConfigError(f"--extra={x} is not a flag; pass main.py's flags, "
+                        "e.g. --extra=--config.total_steps=100")
+    if name in ("--config", "--workdir", "--groups"):
+      raise ConfigError(f"--extra={x}: {name} is set per job by this script; "
+                        "use --config / --workdir_root, or drop it")
+  for value, flag in ((_ROOT.value, "--workdir_root"),
+                      (_EXCHANGE_ROOT.value, "--exchange_root")):
+    if value and "://" not in value and os.path.isfile(value):
+      raise ConfigError(f"{flag}={value} is a file; name a directory")
+  if _LAUNCHER.value == "gcloud_tpu" and not (_TPU_PREFIX.value and
+                                               _ZONE.value):
+    raise ConfigError("--launcher=gcloud_tpu needs --tpu_prefix and --zone")
+  if _LAUNCHER.value != "shell" or _DRY_RUN.value:
+    return  # The paths are the cluster's, not this machine's.
+  if "://" in _ROOT.value:
+    raise ConfigError(f"--workdir_root={_ROOT.value}: the shell launcher "
+                      "writes workdirs on this machine; name a local path")
+  cli.check_output(_ROOT.value, "--workdir_root", directory=True)
+  cli.check_dir(_REPO.value, "--repo_dir", "checkout of this repository")
+  if not shutil.which(_PYTHON.value):
+    raise ConfigError(f"--python={_PYTHON.value}: no such program here; name "
+                      f"the Python that runs the jobs, e.g. "
+                      f"--python={sys.executable}")
 
 
 def render(launcher: str, name: str, group: int | str, workdir: str,
@@ -172,26 +240,31 @@ def render(launcher: str, name: str, group: int | str, workdir: str,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  del argv
+  check_flags()
   jobs = job_argvs(_CONFIG.value, _ROOT.value, _EXTRA.value,
-                  _EXCHANGE_ROOT.value, _SWEEP.value, _ONE_JOB.value)
-  if _VALIDATE.value:
-    for name, g, _, job in jobs:
+                   _EXCHANGE_ROOT.value, _SWEEP.value, _ONE_JOB.value)
+  local = _LAUNCHER.value == "shell" and not _DRY_RUN.value
+  if _VALIDATE.value or local:
+    from codistill_jax import checkpoint  # pylint: disable=g-import-not-at-top
+    for name, g, workdir, job in jobs:
       try:
-        validate(job)
-      except Exception as e:  # pylint: disable=broad-except
-        print(f"error: sweep point {name} group {g}: "
-              f"{' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
+        config = job_config(job, validate=_VALIDATE.value)
+        if local:  # Writable here, and no run of another config.
+          checkpoint.check_workdir(workdir, config)
+      except ConfigError as e:
+        raise ConfigError(f"sweep point {name} group {g}: {e}") from None
   lines = [render(_LAUNCHER.value, *job) for job in jobs]
   for line in lines:
     print(line, flush=True)
-  if not _DRY_RUN.value and _LAUNCHER.value == "shell":
+  if local:
     for line in lines:
-      subprocess.run(line, shell=True, check=True)
+      result = subprocess.run(line, shell=True, check=False)
+      if result.returncode:
+        cli.fail(f"exit {result.returncode} from: {line}; the commands "
+                 "before it were started", code=1)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir_root"])
-  app.run(main)
+  cli.run(main, required=("config", "workdir_root"),
+          output="--workdir_root")
