@@ -378,6 +378,7 @@ def test_tpu_table_rows_ratios_and_sampled_cut(tmp_path):
       two_pod["step_s_whole"] / one_pod["step_s_whole"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["distill", "average"])
 def test_every_source_that_publishes_reports_its_bytes(small_data, method):
   # Parameter averaging publishes its params every exchange like
@@ -388,6 +389,7 @@ def test_every_source_that_publishes_reports_its_bytes(small_data, method):
   assert report.publish_bytes == 4 * report.params  # float32 params.
 
 
+@pytest.mark.slow
 def test_a_source_that_does_not_publish_reports_no_bytes(small_data):
   config = quick("flights", small_data, groups=1)
   report = compile_check.check(config, jax.devices()[:4])

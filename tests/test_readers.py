@@ -75,6 +75,7 @@ def _damaged_copies(run, tmp_path, damage):
     yield copy, rel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [truncate, flip_bit])
 def test_a_damaged_own_step_falls_back_to_the_one_before(run, tmp_path,
                                                          damage):
@@ -92,6 +93,7 @@ def test_a_damaged_own_step_falls_back_to_the_one_before(run, tmp_path,
   assert fell_back  # The arrays' own files at least are verified.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", [truncate, flip_bit])
 def test_a_damaged_init_or_teacher_checkpoint_is_named(run, tmp_path, damage):
   _, _, setup, good = run
