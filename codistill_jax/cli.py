@@ -6,7 +6,10 @@ overrides (ml_collections `config_flags`), with files loaded by
 any kind -- a flag, a config file that does not load, an override of no
 field, a ConfigError from the library, storage that refuses a write -- ends
 with one `error: ...` line on stderr and exit code 2, and `--help` exits 0.
-Anything else is an internal error and raises normally.
+Nothing follows that line: the exit skips the interpreter's teardown
+(`fail`), and a failed read's late callbacks on closed event loops are not
+printed (`_without_closed_loop_noise`). Anything else is an internal error
+and raises normally.
 
 A command checks all of its input before it does any work: the `check_*`
 helpers below (numbers, input directories, output paths, run directories,
@@ -333,6 +336,25 @@ class _QuietLibraries(pylogging.Filter):
             "Metadata file does not exist" not in record.getMessage())
 
 
+def _without_closed_loop_noise(hook):
+  """`sys.unraisablehook` less asyncio's 'Event loop is closed'.
+
+  When an Orbax read fails (a corrupt checkpoint), tensorstore's callbacks
+  for the read's other pieces still arrive, on its threads, after Orbax has
+  closed the read's event loop; each raises this in a thread nobody waits
+  on, which Python prints as a bare traceback around our one `error:` line.
+  The failure itself is what the command reports.
+  """
+
+  def hook_(unraisable):
+    if (isinstance(unraisable.exc_value, RuntimeError) and
+        str(unraisable.exc_value) == "Event loop is closed"):
+      return
+    hook(unraisable)
+
+  return hook_
+
+
 def run(main: Callable[[list[str]], None], required: Sequence[str] = (),
         positional: bool = False, output: str = "--workdir") -> None:
   """`app.run(main)` with one-line errors for bad input (see module doc).
@@ -347,6 +369,7 @@ def run(main: Callable[[list[str]], None], required: Sequence[str] = (),
 
   def guarded(argv):
     pylogging.getLogger("absl").addFilter(_QuietLibraries())
+    sys.unraisablehook = _without_closed_loop_noise(sys.unraisablehook)
     try:
       main(argv)
     except ConfigError as e:  # Bad input, or storage refusing a write.
