@@ -22,9 +22,9 @@ Before printing or running anything, every command's flags are parsed with
 the same config machinery as `main.py` and validated (`--novalidate` to
 skip, e.g. where the data is not mounted), so a typo fails here and not in a
 queue; so are this script's own flags (the config file and its `sweep()`,
-`--sweep`, `--extra`, `--nodes_per_group`, and for `shell` the paths it
-writes and runs: `--workdir_root` and each point's workdir, `--repo_dir`,
-`--python`). Bad input is one `error:` line and exit code 2 with nothing
+`--sweep`, `--extra`, `--nodes_per_group`, and where `shell` runs the jobs
+(no `--dry_run`) the paths it writes and runs: `--workdir_root` and each
+point's workdir, `--repo_dir`, `--python`). Bad input is one `error:` line and exit code 2 with nothing
 printed, started or written. `--dry_run` prints the commands; without it
 `shell` runs them and the others print them for you to submit (this script
 never talks to a cluster).
