@@ -88,7 +88,9 @@ def serve(config, stop: bool = False) -> list[str]:
     raise ConfigError(f"config.codistill.service.address={s.address}: cannot "
                       f"join the Ray cluster there ({type(e).__name__}: "
                       f"{' '.join(str(e).split())[:200]}); name a running "
-                      "cluster's address") from None
+                      "cluster's address, and for a cluster with token "
+                      "authentication (Ray's default) set RAY_AUTH_MODE=token "
+                      "where its token is (~/.ray/auth_token)") from None
   try:
     if stop:
       names = [a["name"] for a in ray.util.list_named_actors(True)
