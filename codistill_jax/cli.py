@@ -285,6 +285,10 @@ def check_group(group: int | None, num_groups: int, flag: str,
     raise ConfigError(f"{flag}={group}: {where} has {have}; name one of them")
 
 
+# How long the processes of one job may start apart (see init_distributed).
+DISTRIBUTED_START_MINUTES = 5
+
+
 def init_distributed(address: str | None, num_processes: int | None,
                      process_id: int | None) -> None:
   """Joins a multi-process JAX job (`jax.distributed`), or does nothing.
@@ -315,6 +319,14 @@ def init_distributed(address: str | None, num_processes: int | None,
   platforms = str(jax.config.jax_platforms or "cpu")
   if "cpu" in platforms:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # The CPU backend's topology exchange waits for every process (JAX's
+    # default: 2 minutes for the local, 5 for the global one). On a loaded
+    # host the job's processes can start minutes apart; JAX's own
+    # initialization_timeout is 5 minutes, so wait as long here.
+    jax.config.update("jax_cpu_get_local_topology_timeout_minutes",
+                      DISTRIBUTED_START_MINUTES)
+    jax.config.update("jax_cpu_get_global_topology_timeout_minutes",
+                      DISTRIBUTED_START_MINUTES + 1)
   if address == "auto":
     jax.distributed.initialize()
   else:
@@ -393,6 +405,14 @@ def run(main: Callable[[list[str]], None], required: Sequence[str] = (),
     except RuntimeError as e:
       if "Unable to initialize backend" not in str(e):
         raise
+      if any(w in str(e) for w in ("DEADLINE_EXCEEDED", "timed out",
+                                   "Timed out", "topology")):
+        # The job's processes never met (one did not start, or started
+        # later than the timeouts allow): not a missing platform.
+        fail(f"the processes of this JAX job did not all join within "
+             f"{DISTRIBUTED_START_MINUTES} minutes ({_one_line(e)[:200]}); "
+             "start every process of the job (--num_processes of them, with "
+             "the same --coordinator_address), then rerun")
       platforms = os.environ.get("JAX_PLATFORMS", "")
       fail(f"JAX_PLATFORMS={platforms!r}: {str(e).split(':', 1)[0]}; this "
            "machine has no such platform: unset JAX_PLATFORMS (JAX then "

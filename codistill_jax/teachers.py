@@ -525,9 +525,6 @@ class FromService(Targets):
   describe = "teacher service"
 
   def __init__(self, ctx: Context):
-    # A teacher of another task is refused here, before workers start.
-    build.fixed_teacher(ctx.config, ctx.setup.info, ctx.setup.example,
-                        mesh_lib.replicated(ctx.setup.mesh))
     if "service" not in ctx.shared:
       # Ray is an optional extra: imported only for this source.
       try:
@@ -537,6 +534,9 @@ class FromService(Targets):
           raise
         raise ConfigError("config.codistill.teacher_source='service' needs "
                           "Ray: pip install -e .[service]") from None
+      # A teacher of another task is refused here, before workers start.
+      build.fixed_teacher(ctx.config, ctx.setup.info, ctx.setup.example,
+                          mesh_lib.replicated(ctx.setup.mesh))
       ctx.shared["service"] = service.start(
           ctx.config, ctx.setup.info, next(iter(ctx.datasets.train(0))))
     self.service = ctx.shared["service"]

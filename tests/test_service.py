@@ -86,7 +86,9 @@ def in_process_targets(config, datasets, batches):
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
   setup = build.build(config, datasets, mesh)
   apply_fn = build.teacher_model(config, datasets.info).apply
-  teachers = teachers_lib.FromCheckpoint(config, setup=setup).teachers
+  teachers = teachers_lib.FromCheckpoint(teachers_lib.Context(
+      config, group=0, setup=setup, datasets=datasets, params=None,
+      storage=None, total_steps=config.total_steps, shared={})).teachers
   cd = config.codistill
 
   @jax.jit
@@ -483,8 +485,9 @@ def test_without_ray_the_error_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, name)
   monkeypatch.delattr(codistill_jax, "service")
   with pytest.raises(ConfigError, match=r"pip install -e \.\[service\]"):
-    teachers_lib.FromService(config, setup=None, shared={},
-                             example_batch=None)
+    teachers_lib.FromService(teachers_lib.Context(
+        config, group=0, setup=None, datasets=None, params=None, storage=None,
+        total_steps=config.total_steps, shared={}))
 
 
 @pytest.mark.slow
