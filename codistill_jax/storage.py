@@ -435,10 +435,10 @@ class WriterLock:
       os.rename(self.path, f"{self.path}.stale.{token}")
     except FileNotFoundError:
       return  # Another contender moved it first; try to create again.
-    logging.warning(
-        "group %d: took over the writer lock %s (%s)", self.group, self.path,
-        f"its holder pid {info['pid']} on {info['host']} is gone" if info
-        else "it was empty or unparsable, so it names no holder")
+    why = (f"its holder pid {info['pid']} on {info['host']} is gone" if info
+           else "it was empty or unparsable, so it names no holder")
+    logging.warning("group %d: took over the stale writer lock %s (%s)",
+                    self.group, self.path, why)
     os.remove(f"{self.path}.stale.{token}")
 
   def _beat(self) -> None:
