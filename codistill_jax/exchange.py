@@ -469,6 +469,14 @@ class PeerReader:
                      step, e, attempt + 1)
         continue
       except Exception as e:  # pylint: disable=broad-except
+        if step not in self._listing(slot):
+          # Deleted while read, mid-way (an Orbax step's metadata gone
+          # first reads as another run's): look again, as above.
+          if only_step is not None:
+            return
+          logging.info("peer %d step %d vanished (%s); retry %d", slot.group,
+                       step, e, attempt + 1)
+          continue
         # Partial, corrupt or incompatible: keep the previous teacher.
         with self._lock:
           slot.failures += 1

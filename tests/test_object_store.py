@@ -343,6 +343,41 @@ def test_max_to_keep_deletes_every_object_of_old_steps(gcs, bucket, fmt):
 
 # 4. ---------------------------------------------------------------------------
 @FORMATS
+def test_a_step_deleted_while_it_is_read_is_retried(gcs, bucket, fmt,
+                                                     monkeypatch,
+                                                     make_reader):
+  """The reader lists step 3 as newest; before it reads it, the writer
+  publishes three more and `max_to_keep` deletes it. The reader looks again
+  and takes the newest whole step: no failure, never a torn one."""
+  root = f"gs://{bucket}/x"
+  pub = open_publisher(root, fmt, keep=3)
+  for step in (1, 2, 3):
+    publish(pub, step, step_tree(step))
+  real_list = exchange.list_steps
+  calls = []
+
+  def list_then_delete(kv, remote):
+    listed = real_list(kv, remote)
+    calls.append(sorted(listed))
+    if len(calls) == 1:
+      for step in (4, 5, 6):
+        publish(pub, step, step_tree(step))
+    return listed
+
+  monkeypatch.setattr(exchange, "list_steps", list_then_delete)
+  reader = make_reader(paths.run_dir(root, RUN), [0],
+                       abstract_of(step_tree(0), reader_mesh()), run=RUN)
+  try:
+    reader.refresh(block=True)
+  finally:
+    pub.close()
+  slot = reader.slots[0]
+  assert (slot.step, slot.failures, slot.last_error) == (6, 0, "")
+  assert calls[0] == [1, 2, 3] and calls[-1] == [4, 5, 6], calls
+  assert_tree_equal(teacher(reader.teachers(), 0), step_tree(6))
+
+
+@FORMATS
 def test_reader_racing_a_writer_and_its_deletions(gcs, bucket, fmt,
                                                    make_reader):
   """A writer publishes 12 steps (keeping 3) while a reader refreshes as
