@@ -16,6 +16,7 @@ import json
 import os
 import re
 import socket
+import time
 from typing import Any
 
 from absl import logging
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 
 from codistill_jax import paths
 from codistill_jax.errors import ConfigError
@@ -410,14 +412,16 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def check_writable(path: str, field: str) -> None:
   """`path` is, or can be created as, a directory this job may write.
 
-  Checked without writing. Remote paths (gs://) are checked for the
-  filesystem they need; `field` names the flag or config field in errors.
+  Checked without writing, except a remote path (gs://, s3://), which is
+  checked for the filesystem it needs and then probed (`check_remote`);
+  `field` names the flag or config field in errors.
   """
   if "://" in path:
     if path.startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
       raise ConfigError(f"{field}={path}: gs:// paths need the GCS "
                         "filesystem, which is not installed: "
                         "pip install -e .[gcs]")
+    check_remote(path, field)
     return
   if os.path.islink(path) and not os.path.exists(path):
     raise StorageError(f"{field}={path} is a dangling symlink or a symlink "
@@ -437,11 +441,59 @@ def check_writable(path: str, field: str) -> None:
         "directory this job can create and write")
 
 
+# How long a remote directory may take to answer the start-up probe. The
+# stores' own retry schedules (tensorstore's: 32 tries, backing off to 32 s)
+# would keep a job waiting for many minutes on a bucket it cannot reach.
+REMOTE_PROBE_S = 20.0
+_PROBE_RETRIES = {"max_retries": 3, "initial_delay": "0.5s",
+                  "max_delay": "2s"}
+
+
+def check_remote(path: str, field: str) -> None:
+  """Refuses, in one line and within REMOTE_PROBE_S, a remote directory this
+  job cannot write: a bucket that does not exist, one it may not write, an
+  endpoint that does not answer.
+
+  An object store has no directory to look at, and a listing of a missing
+  bucket reads as empty, so the probe writes one empty object under `path`
+  (`.probe-<host>-<pid>`) and deletes it: nothing is left behind.
+  """
+  key = f".probe-{socket.gethostname()}-{os.getpid()}"
+  deadline = time.monotonic() + REMOTE_PROBE_S
+  left = lambda: max(0.1, deadline - time.monotonic())
+  try:
+    kv = ts.KvStore.open(path.rstrip("/") + "/", context=ts.Context({
+        "gcs_request_retries": _PROBE_RETRIES,
+        "s3_request_retries": _PROBE_RETRIES})).result(timeout=left())
+    kv.write(key, b"").result(timeout=left())
+    kv.write(key, None).result(timeout=left())  # Deletes it.
+  except TimeoutError:
+    raise StorageError(
+        f"{field}={path} did not answer within {REMOTE_PROBE_S:.0f} s; check "
+        "the network, the credentials and the endpoint (an emulator's: "
+        "TENSORSTORE_GCS_HTTP_URL, STORAGE_EMULATOR_HOST), or point "
+        f"{field} at a local or NFS directory") from None
+  except ValueError as e:
+    text = str(e)
+    if "NOT_FOUND" in text:
+      fix = ("its bucket does not exist; create the bucket, or point "
+             f"{field} at an existing one")
+    elif "PERMISSION_DENIED" in text or "UNAUTHENTICATED" in text:
+      fix = ("this job may not write there; give its credentials write "
+             f"access, or point {field} at a bucket it may write")
+    else:
+      fix = (f"it cannot be reached ({_first_line(e)}); check the network, "
+             f"the credentials and the endpoint, or point {field} at a local "
+             "or NFS directory")
+    raise StorageError(f"{field}={path}: {fix}") from None
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError if `workdir` holds a run of another config, or
   StorageError if it (or the exchange dir) cannot be created or written.
 
-  Checked without writing anything.
+  Checked without writing anything (a remote exchange dir: see
+  `check_remote`).
   """
   if "://" in workdir:
     raise ConfigError(f"--workdir={workdir}: the workdir must be a local or "

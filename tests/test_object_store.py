@@ -24,6 +24,7 @@ Without the extra the module is skipped, except under CI (CI=true), where
 that is a failure.
 """
 
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -57,6 +58,9 @@ from tests.test_train import ROOT
 
 FORMATS = pytest.mark.parametrize("fmt", ["blob", "orbax"])
 RUN = "flights-ctr_mlp-seed0-0123456789"  # A run identity, as run_identity's.
+# Bad input on an object store must end within this (Python and JAX start-up
+# included), never hang on retries.
+BAD_INPUT_BOUND_S = 60
 
 
 def _server_binary() -> str:
@@ -558,3 +562,55 @@ def test_two_groups_codistill_through_the_bucket(gcs, bucket, fmt, tmp_path):
         published(config.codistill.exchange_dir, g, run)) == [4, 8, 12]
   # Nothing of the exchange went to the local workdir.
   assert not os.path.exists(tmp_path / "run" / "runs")
+
+
+# 8. ---------------------------------------------------------------------------
+def _main(workdir, exchange_dir, env):
+  cmd = [sys.executable, "-m", "codistill_jax.main",
+         "--config=configs/flights_codistill.py:quick", f"--workdir={workdir}",
+         f"--config.codistill.exchange_dir={exchange_dir}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **env}
+  start = time.monotonic()
+  try:
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=2 * BAD_INPUT_BOUND_S)
+  except subprocess.TimeoutExpired as e:
+    pytest.fail(f"{exchange_dir}: still running after {e.timeout} s: "
+                f"{(e.stderr or b'')[-2000:]!r}")
+  return result, time.monotonic() - start
+
+
+def test_missing_bucket_or_silent_endpoint_is_one_line_in_bounded_time(
+    gcs, tmp_path):
+  """A bucket that does not exist, and an endpoint that accepts connections
+  but never answers: exit 2, one `error:` line naming the field and the
+  fix, well before any retry schedule would give up, and no workdir."""
+  silent = socket.socket()
+  silent.bind(("127.0.0.1", 0))
+  silent.listen(16)  # Connections queue up; nothing ever answers them.
+  dead = f"http://127.0.0.1:{silent.getsockname()[1]}"
+  cases = {
+      "no_bucket": ("gs://no-such-bucket/x", {}, "does not exist"),
+      "silent_endpoint": ("gs://any-bucket/x", {
+          "TENSORSTORE_GCS_HTTP_URL": dead, "STORAGE_EMULATOR_HOST": dead},
+                          "did not answer"),
+  }
+  try:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      done = dict(zip(cases, pool.map(
+          lambda c: _main(tmp_path / c[0], c[1][0], c[1][1]),
+          cases.items())))
+  finally:
+    silent.close()
+  for name, (result, seconds) in done.items():
+    url, _, words = cases[name]
+    err = result.stderr
+    assert result.returncode == 2, (name, result.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    lines = [l for l in err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, (name, err[-3000:])
+    for w in (f"config.codistill.exchange_dir={url}", words):
+      assert w in lines[0], (name, w, lines[0])
+    assert seconds < BAD_INPUT_BOUND_S, (name, seconds)
+    assert not os.path.exists(tmp_path / name), name
