@@ -310,6 +310,11 @@ def find_step_dir(path: str, field: str = "config.init_checkpoint") -> str:
 
   `field` names the config field that gave `path`, in errors.
   """
+  if "://" in path:  # os.path would read gs://b/run as ./gs:/b/run.
+    raise ConfigError(f"{field}={path}: checkpoints are read from local or "
+                      "NFS paths only (only config.codistill.exchange_dir "
+                      "may be a bucket); copy the run there and point "
+                      f"{field} at it")
   path = os.path.abspath(path)
   for candidate in (path, paths.checkpoints_dir(path, 0),
                     os.path.join(path, "checkpoints")):

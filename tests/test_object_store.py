@@ -526,8 +526,16 @@ def test_own_checkpoints_and_stored_targets_on_a_bucket_are_refused(
     gcs, bucket, tmp_path):
   """What is local or NFS only, refused in one line naming the field: the
   workdir (own checkpoints, config, metrics and locks are plain files, and
-  the writer lock needs a POSIX filesystem) and stored targets (memory-mapped
-  .npy files). The exchange dir on the same bucket passes."""
+  the writer lock needs a POSIX filesystem), the checkpoints a run starts
+  from or distils from, and stored targets (memory-mapped .npy files). The
+  exchange dir on the same bucket passes."""
+  url = f"gs://{bucket}/run"
+  for field in ("config.init_checkpoint",
+                "config.codistill.teacher_checkpoint", "--teacher"):
+    with pytest.raises(ConfigError) as e:
+      checkpoint.restore_params(url, None, field=field)
+    assert str(e.value).startswith(f"{field}={url}: "), str(e.value)
+    assert "local or NFS" in str(e.value), str(e.value)
   config = codistill_config()
   config.codistill.exchange_dir = f"gs://{bucket}/x"
   checkpoint.check_workdir(str(tmp_path / "work"), config)
