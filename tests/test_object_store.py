@@ -25,6 +25,7 @@ that is a failure.
 """
 
 import concurrent.futures
+import importlib
 import importlib.util
 import json
 import os
@@ -172,15 +173,18 @@ def gcs(tmp_path_factory):
       # gcsfs and google-cloud-storage: the endpoint; anonymous; and no
       # storage-layout lookup over gRPC, which the emulator does not serve
       # (each bucket's first use would wait 60 s for it). gcsfs reads that
-      # switch when it is imported; it is not imported before this.
+      # switch when it is imported; imported earlier, its plain filesystem
+      # is registered for gs:// instead.
       mp.setenv("STORAGE_EMULATOR_HOST", url)
       mp.setenv("NO_GCE_CHECK", "true")
       mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
       import fsspec  # pylint: disable=g-import-not-at-top
       import gcsfs  # pylint: disable=g-import-not-at-top
-      assert gcsfs.GCSFileSystem is gcsfs.core.GCSFileSystem, (
-          "gcsfs was imported before the fixture set "
-          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+      if gcsfs.GCSFileSystem is not gcsfs.core.GCSFileSystem:
+        registry = importlib.import_module("fsspec.registry")
+        for protocol in ("gs", "gcs"):
+          mp.setitem(registry._registry, protocol,  # pylint: disable=protected-access
+                     gcsfs.core.GCSFileSystem)
       mp.setitem(fsspec.config.conf, "gcs", {"token": "anon"})
       gcsfs.GCSFileSystem.clear_instance_cache()
       yield Gcs(url)
