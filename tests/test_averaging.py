@@ -77,6 +77,7 @@ def _averaging_config(**overrides):
   return config
 
 
+@pytest.mark.slow
 def test_h1_outer_lr1_equals_sync_sgd_over_the_union_of_batches(tmp_path):
   """The trainer's averaging (2 groups, H = 1, outer SGD lr 1, inner SGD)
   against synchronous SGD, written here, on the two groups' batches

@@ -40,6 +40,7 @@ def codistill_config(**overrides):
   return config
 
 
+@pytest.mark.slow
 def test_two_groups_on_sub_meshes_exchange_and_distil(tmp_path):
   config = codistill_config()
   final = train.train_and_evaluate(config, str(tmp_path))

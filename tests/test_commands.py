@@ -286,6 +286,7 @@ def quick_results(tmp_path_factory):
     return dict(pool.map(one, QUICK))
 
 
+@pytest.mark.slow  # Subprocesses: the quick subset runs no CLI.
 @pytest.mark.parametrize("name", [c[0] for c in QUICK])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(quick_results, name):
   result, words, before, after = quick_results[name]
@@ -315,6 +316,7 @@ def test_bad_input_on_trained_runs(files, case):
 # ---------------------------------------------------------------------------
 # The launcher's exit code: 75 only when a group saved and a rerun resumes.
 # ---------------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_launcher_stopped_before_any_group_saved_is_not_resumable(
     tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

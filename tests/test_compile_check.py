@@ -66,6 +66,7 @@ def test_every_config_compiles_for_the_fake_devices(name, small_data):
   assert any("per device total" in line for line in report.lines())
 
 
+@pytest.mark.slow
 def test_scanned_layers_cost_no_more_memory_than_unrolled_ones():
   """Scanning the blocks must keep the batch split in the loop's body: XLA
   does not carry the input's sharding into a scan by itself, and without the

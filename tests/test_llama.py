@@ -293,6 +293,7 @@ def test_remat_same_loss_and_grads(remat, scan):
   assert not _remat_policies(ref, variables)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [2, 4])
 def test_chunked_attention_equals_whole(chunk):
   """Query blocks give the same causal attention and the same gradients

@@ -593,6 +593,7 @@ def _main(workdir, exchange_dir, env):
   return result, time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_missing_bucket_or_silent_endpoint_is_one_line_in_bounded_time(
     gcs, tmp_path):
   """A bucket that does not exist, and an endpoint that accepts connections

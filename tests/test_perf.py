@@ -82,6 +82,7 @@ def test_prefetch_close_stops_its_thread():
   assert len(made) <= 5  # It stopped at the queue's depth, not ran on.
 
 
+@pytest.mark.slow
 def test_progress_shows_throughput_and_mfu_and_a_profile_is_written(
     tmp_path, caplog):
   caplog.set_level("INFO")

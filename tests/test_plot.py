@@ -74,6 +74,7 @@ def test_a_baseline_run_has_no_distillation_panels(tmp_path):
   assert [os.path.basename(p) for p in written] == ["loss.png"]
 
 
+@pytest.mark.slow  # A subprocess: the quick subset runs no CLI.
 def test_the_command_prints_the_paths_and_refuses_a_non_run(tmp_path):
   workdir = _fake_run(tmp_path, "run")
   result = subprocess.run([sys.executable, "-m", "codistill_jax.tools.plot",
@@ -173,6 +174,7 @@ def test_several_runs_are_told_apart_by_legend_and_style(tmp_path):
     assert len({str(colours[f"{r} · {g}"]) for r in "abc"}) == 3
 
 
+@pytest.mark.slow  # Subprocesses.
 @pytest.mark.parametrize("case", ["damaged", "not_a_run", "out_is_a_file"])
 def test_bad_input_is_one_error_line_and_exit_2(tmp_path, case):
   workdir = _fake_run(tmp_path, "run")

@@ -112,6 +112,7 @@ def test_a_damaged_init_or_teacher_checkpoint_is_named(run, tmp_path, damage):
   assert refused
 
 
+@pytest.mark.slow
 def test_params_checksum_is_saved_and_checked(run, tmp_path):
   _, workdir, setup, good = run
   step_dir = os.path.join(paths.checkpoints_dir(workdir, 0), "30")

@@ -124,6 +124,7 @@ def test_horvitz_thompson_sum_is_unbiased():
 # ----------------------------------------------------------------------------
 # The sampled distillation loss.
 # ----------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sampling.PROPOSALS[:3] + ("uniform",))
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_k_equal_v_gives_the_full_loss_and_gradient_exactly(kind, temperature):
@@ -313,6 +314,7 @@ def test_train_step_sampled_gives_no_gradient_to_teachers():
   assert float(m["distill_loss"]) != float(m_other["distill_loss"])
 
 
+@pytest.mark.slow
 def test_train_step_sampled_without_teachers_is_finite_and_task_only():
   state, batch, teachers, step, _ = _lm_step_setup(16)
   s, m = step(state, batch, teachers.replace(weights=jnp.zeros(2)))
@@ -320,6 +322,7 @@ def test_train_step_sampled_without_teachers_is_finite_and_task_only():
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(s))
 
 
+@pytest.mark.slow
 def test_precomputed_targets_match_in_process_teachers():
   state, batch, teachers, step, model = _lm_step_setup(0)
   _, _, _, pre_step, _ = _lm_step_setup(0, precomputed=True)

@@ -80,6 +80,7 @@ def _sigterm_self_when(path, min_step):
   return thread
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_is_bitwise_equal(tmp_path):
   config = load_config("flights")
   config.total_steps, config.log_every = 60, 1
