@@ -41,10 +41,9 @@ def step_overhead(name: str, groups: list[int], steps: int) -> list[dict]:
   import bench_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import build  # pylint: disable=g-import-not-at-top
   from codistill_jax import data as data_lib  # pylint: disable=g-import-not-at-top
-  from codistill_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
-  from codistill_jax import losses  # pylint: disable=g-import-not-at-top
   from codistill_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import step as step_lib  # pylint: disable=g-import-not-at-top
+  from codistill_jax import teachers as teachers_lib  # pylint: disable=g-import-not-at-top
 
   config = bench_lib.load_config(name, None)
   mesh = mesh_lib.make_mesh(jax.devices()[:_DEVICES.value])
@@ -54,7 +53,6 @@ def step_overhead(name: str, groups: list[int], steps: int) -> list[dict]:
   sharding = mesh_lib.batch_sharding(mesh)
   batch = mesh_lib.shard_batch(next(iter(datasets.train(0))), sharding)
   init = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)
-  loss_fn = step_lib.make_loss_fn(losses.task_loss(config.loss))
   forward = jax.jit(lambda p, x: setup.model.apply(p, x, train=False))
 
   def timed(fn, *args):
@@ -68,8 +66,7 @@ def step_overhead(name: str, groups: list[int], steps: int) -> list[dict]:
       one().block_until_ready()
     return bench_lib.median_time(one, steps)
 
-  base = jax.jit(step_lib.make_train_step(setup.model.apply, loss_fn,
-                                          setup.tx), donate_argnums=(0,))
+  base = build.train_step(config, setup)  # The trainer's own steps.
   base_s = timed(base, batch)
   params = init(jax.random.PRNGKey(1)).params
   for _ in range(3):
@@ -78,16 +75,18 @@ def step_overhead(name: str, groups: list[int], steps: int) -> list[dict]:
                                  steps)
   rows = []
   for g in groups:
-    distill = distill_lib.Dense(
-        setup.model.apply, losses.alpha_schedule(1.0, 0),
-        binary=config.loss == "sigmoid_xent")
-    teachers = step_lib.Teachers(
-        jax.tree.map(lambda x: jnp.stack([x] * (g - 1)), params),
-        jnp.ones((g - 1,), jnp.float32))
-    step = jax.jit(step_lib.make_train_step(setup.model.apply, loss_fn,
-                                            setup.tx, distill=distill),
-                   donate_argnums=(0,))
-    g_s = timed(lambda s, b: step(s, b, teachers), batch)
+    # G groups of peers, distilling from step 0.
+    cg = config.copy_and_resolve_references()
+    cd = cg.codistill
+    cd.num_groups, cd.burn_in_steps, cd.alpha_ramp_steps = g, 0, 0
+    layout = teachers_lib.layout(cg, setup, next(iter(datasets.train(0))))
+    dtype = jnp.dtype(cd.teacher_dtype)
+    teachers = jax.device_put(step_lib.Teachers(
+        jax.tree.map(lambda x: jnp.stack([x.astype(dtype)] * (g - 1)),
+                     params), jnp.ones((g - 1,), jnp.float32)),
+                              layout.arg_shardings[0])
+    step = build.train_step(cg, setup, layout)
+    g_s = timed(lambda s, b, step=step, t=teachers: step(s, b, t), batch)
     floor = base_s * (1 + (g - 1) * fwd_s / base_s)
     rows.append({"config": name, "G": g, "baseline_ms": 1e3 * base_s,
                  "forward_over_step": fwd_s / base_s,

@@ -19,9 +19,7 @@ import time
 
 import bench_lib  # Sibling module: run from the repo root or experiments/.
 from codistill_jax import data as data_lib
-from codistill_jax import losses
 from codistill_jax import mesh as mesh_lib
-from codistill_jax import step as step_lib
 from codistill_jax import build
 from codistill_jax import validate
 
@@ -43,10 +41,7 @@ def bench(config) -> dict:
   batch = mesh_lib.shard_batch(next(iter(datasets.train(0))), sharding)
   state = jax.jit(setup.init_fn, out_shardings=setup.state_sharding)(
       jax.random.PRNGKey(0))
-  loss_fn = step_lib.make_loss_fn(losses.task_loss(config.loss))
-  step_fn = jax.jit(
-      step_lib.make_train_step(setup.model.apply, loss_fn, setup.tx),
-      in_shardings=(setup.state_sharding, sharding), donate_argnums=(0,))
+  step_fn = build.train_step(config, setup)  # The trainer's own step.
   t = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t
