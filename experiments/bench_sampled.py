@@ -1,6 +1,7 @@
 r"""Sampled vs full-softmax distillation: output layer + loss + gradient.
 
-The real `step.make_train_step` on a model that is only an output layer: its
+The trainer's own step (`build.train_step`) on a model that is only an output
+layer: its
 "trunk output" is a parameter h [N, d] (so the gradient into the trunk is
 computed, as in training), followed by the untied head [d, V]. One peer
 teacher (2-way codistillation) of the same shape. For each V and K, side by
@@ -46,9 +47,9 @@ def main(argv):
   import optax  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import bench_lib  # pylint: disable=g-import-not-at-top
-  from codistill_jax import distill as distill_lib  # pylint: disable=g-import-not-at-top
-  from codistill_jax import losses  # pylint: disable=g-import-not-at-top
-  from codistill_jax import sampling  # pylint: disable=g-import-not-at-top
+  from codistill_jax import build  # pylint: disable=g-import-not-at-top
+  from codistill_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from codistill_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from codistill_jax import step as step_lib  # pylint: disable=g-import-not-at-top
 
   n, d = _N.value, _D.value
@@ -81,35 +82,43 @@ def main(argv):
     batch = {"inputs": x,
              "labels": jnp.asarray(rng.integers(0, vocab, n), jnp.int32),
              "weights": jnp.ones((n,), jnp.float32)}
+    # No config file describes this model: a Setup made by hand, on one
+    # device, and the step built as the trainer builds its own.
     tx = optax.sgd(1e-3)
-    state = step_lib.init_state(model, tx, jax.random.PRNGKey(0), x)
+    mesh = mesh_lib.make_mesh(jax.devices()[:1])
+    repl = mesh_lib.replicated(mesh)
+    init_fn = lambda rng, model=model, tx=tx, x=x: step_lib.init_state(
+        model, tx, rng, x)
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    shardings = jax.tree.map(lambda _: repl, abstract)
+    setup = build.Setup(model, tx, lambda step: 1e-3, init_fn,
+                        build.with_shardings(abstract, shardings), shardings,
+                        {}, x, mesh)
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(0))
     tparams = model.init(jax.random.PRNGKey(1), x, train=False)
     teachers = step_lib.Teachers(jax.tree.map(lambda a: a[None], tparams),
                                  jnp.ones((1,)))
-    loss_fn = step_lib.make_loss_fn(losses.task_loss("softmax_xent"))
-    hidden = lambda p, x, train=False, rngs=None, m=model: m.apply(
-        p, x, train=train, method="hidden")
+    layout = build.Layout(distills=True, teacher=model, args=(
+        build.with_shardings(jax.eval_shape(lambda t=teachers: t), repl),))
 
-    def compiled(num_samples, model=model, hidden=hidden, loss_fn=loss_fn,
-                 tx=tx, state=state, batch=batch, teachers=teachers):
-      sampled = None
-      if num_samples:
-        sampled = sampling.SampledHead(
-            hidden_fn=hidden, output_embedding=model.output_embedding,
-            teacher_hidden_fn=hidden,
-            teacher_output_embedding=model.output_embedding,
-            num_samples=num_samples)
-      alpha = losses.alpha_schedule(1.0, 0)
-      distill = (distill_lib.Sampled(sampled, alpha) if sampled else
-                 distill_lib.Dense(model.apply, alpha))
-      fn = jax.jit(step_lib.make_train_step(model.apply, loss_fn, tx,
-                                            distill=distill))
+    def compiled(num_samples, setup=setup, layout=layout, state=state,
+                 batch=batch, teachers=teachers):
+      config = config_lib.base_config()
+      config.loss, config.codistill.num_groups = "softmax_xent", 2
+      config.codistill.sampled.num_samples = num_samples
+      fn = build.train_step(config, setup, layout)
       return fn.lower(state, batch, teachers).compile()
 
     def timed(step_fn, state=state, batch=batch, teachers=teachers):
-      jax.block_until_ready(step_fn(state, batch, teachers))  # Warm up.
-      return bench_lib.median_time(lambda: step_fn(state, batch, teachers),
-                                   _STEPS.value)
+      # The step donates its state: each call takes the one before's.
+      holder = [jax.tree.map(jnp.copy, state)]
+
+      def one():
+        holder[0], m = step_fn(holder[0], batch, teachers)
+        return m["loss"]
+
+      jax.block_until_ready(one())  # Warm up.
+      return bench_lib.median_time(one, _STEPS.value)
 
     full = compiled(0)
     full_mem = full.memory_analysis().temp_size_in_bytes
