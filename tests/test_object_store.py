@@ -38,9 +38,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-import jax
 import ml_collections
-import numpy as np
 import pytest
 
 from codistill_jax import checkpoint
@@ -52,7 +50,7 @@ from codistill_jax import train
 from codistill_jax import validate
 from codistill_jax.errors import ConfigError
 from tests.test_codistill import codistill_config
-from tests.test_exchange import abstract_of, assert_tree_equal, host
+from tests.test_exchange import abstract_of, assert_tree_equal
 from tests.test_exchange import make_reader  # noqa: F401  (a fixture)
 from tests.test_exchange import on_writer, reader_mesh, step_tree, teacher
 from tests.test_train import ROOT
