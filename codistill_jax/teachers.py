@@ -528,7 +528,7 @@ class FromService(Targets):
     if "service" not in ctx.shared:
       # Ray is an optional extra: imported only for this source.
       try:
-        from codistill_jax import service  # pylint: disable=g-import-not-at-top
+        from codistill_jax.service import serving  # pylint: disable=g-import-not-at-top
       except ImportError as e:
         if e.name != "ray":
           raise
@@ -537,7 +537,7 @@ class FromService(Targets):
       # A teacher of another task is refused here, before workers start.
       build.fixed_teacher(ctx.config, ctx.setup.info, ctx.setup.example,
                           mesh_lib.replicated(ctx.setup.mesh))
-      ctx.shared["service"] = service.start(
+      ctx.shared["service"] = serving.start(
           ctx.config, ctx.setup.info, next(iter(ctx.datasets.train(0))))
     self.service = ctx.shared["service"]
     self.reader = None

@@ -63,8 +63,9 @@ def sources(root: str = ROOT) -> dict[str, str]:
 def imports(name: str, source: str, modules: set[str]) -> list[tuple]:
   """[(imported module, line, inside a function)] of one module.
 
-  `from a import b` counts as importing `a.b` when that is a module, else
-  `a`. Relative imports are resolved against `name`.
+  `from a import b` counts as importing `a.b` when that is a module (and
+  `a` too, whose __init__ Python runs first, unless `a` is the top
+  package), else `a`. Relative imports are resolved against `name`.
   """
   is_package = f"{name}.__init__" in modules or any(
       m.startswith(name + ".") for m in modules)
@@ -86,6 +87,9 @@ def imports(name: str, source: str, modules: set[str]) -> list[tuple]:
           base = ".".join(parts + ([child.module] if child.module else []))
         for alias in child.names:
           full = f"{base}.{alias.name}"
+          if full in modules and base != PACKAGE:
+            # `from pkg import mod` runs pkg/__init__ too: an edge to both.
+            out.append((base, child.lineno, in_function))
           out.append((full if full in modules else base, child.lineno,
                       in_function))
       visit(child, nested)
@@ -270,5 +274,15 @@ def test_relative_imports_resolve():
           "codistill_jax.errors": ""}
   got = {m: [t for t, _, _ in imports(m, s, set(srcs))]
          for m, s in srcs.items()}
-  assert got["codistill_jax.data"] == ["codistill_jax.data.flights"]
+  assert got["codistill_jax.data"] == ["codistill_jax.data",
+                                       "codistill_jax.data.flights"]
   assert got["codistill_jax.data.flights"] == ["codistill_jax.errors"]
+
+
+def test_a_package_whose_init_imports_a_module_that_imports_it_is_a_cycle():
+  """pkg/__init__ imports pkg.a, which imports a sibling through pkg: Python
+  runs pkg/__init__ for that, so pkg and pkg.a import each other."""
+  srcs = {"codistill_jax.service": "from codistill_jax.service import a\n",
+          "codistill_jax.service.a": "from codistill_jax.service import b\n",
+          "codistill_jax.service.b": ""}
+  assert any(p.startswith("import cycle:") for p in problems(srcs))
