@@ -28,26 +28,17 @@ def check(config, teacher: str, out: str) -> None:
   # Imported here: the checks above do not pay for JAX.
   # pylint: disable=g-import-not-at-top
   import jax
-  from codistill_jax import build
   from codistill_jax import checkpoint as ckpt_lib
-  from codistill_jax import data as data_lib
-  from codistill_jax import mesh as mesh_lib
   from codistill_jax import validate
   # pylint: enable=g-import-not-at-top
   ckpt_lib.find_step_dir(teacher, "--teacher")
-  # The store's teacher is checked as a student's fixed teacher would be.
+  # The store's teacher is checked as a student's fixed teacher would be;
+  # its task and output space `target_store.write` checks before it writes.
   as_student = config.copy_and_resolve_references()
   as_student.codistill.teacher_source = "checkpoint"
   as_student.codistill.teacher_checkpoint = teacher
   validate.validate(as_student, num_devices=jax.device_count(),
                     num_groups_here=1)
-  datasets = data_lib.get_module(config.data.name).get_datasets(
-      config, group=0, num_groups=1, process_index=0, process_count=1)
-  build.fixed_teacher(
-      config, datasets.info,
-      build.example_inputs(next(iter(datasets.train(0)))),
-      mesh_lib.replicated(mesh_lib.make_mesh(jax.devices())), teacher,
-      field="--teacher")
 
 
 def main(argv) -> None:
