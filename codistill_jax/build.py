@@ -202,7 +202,10 @@ class Layout:
   (`teachers.layout`): the step's extra arguments and extra batch entries
   are abstract (ShapeDtypeStructs on the group's mesh)."""
   distills: bool = False  # Whether the step has a distillation term.
-  teacher: Any = None  # Flax module of in-process teachers; None: in batch.
+  # Flax module of in-process teachers (a tuple of them, one per
+  # architecture, with a tuple of stacked Teachers in `args`); None: the
+  # targets arrive in the batch.
+  teacher: Any = None
   args: tuple = ()  # Abstract extra step arguments, with shardings.
   batch: dict = dataclasses.field(default_factory=dict)  # Extra batch keys.
 
@@ -218,7 +221,13 @@ class Layout:
   @property
   def num_teachers(self) -> int:
     """Stacked teacher param sets the step takes (0 for targets in batch)."""
-    return sum(int(a.weights.shape[0]) for a in self.args)
+    return sum(int(t.weights.shape[0]) for a in self.args
+               for t in (a if isinstance(a, tuple) else (a,)))
+
+  @property
+  def mixed(self) -> bool:
+    """Teachers of several architectures (`teacher` is a tuple of modules)."""
+    return isinstance(self.teacher, tuple)
 
 
 def sampled_head(config, setup: Setup, teacher) -> sampling.SampledHead:
@@ -281,15 +290,18 @@ def distill_term(config, setup: Setup, teacher: Any = None,
   if cd.sampled.num_samples:
     return distill_lib.Sampled(sampled_head(config, setup, teacher), alpha,
                                cd.divergence, cd.temperature)
+  apply = (tuple(t.apply for t in teacher) if isinstance(teacher, tuple)
+           else teacher.apply)
   if cd.topk:
-    return distill_lib.TopK(teacher.apply, alpha, cd.divergence,
+    return distill_lib.TopK(apply, alpha, cd.divergence,
                             cd.temperature, binary, k=cd.topk,
                             topk_mode=cd.topk_mode)
-  return distill_lib.Dense(teacher.apply, alpha, cd.divergence,
-                           cd.temperature, binary)
+  return distill_lib.Dense(apply, alpha, cd.divergence, cd.temperature,
+                           binary)
 
 
-def train_step(config, setup: Setup, layout: Layout = Layout()):
+def train_step(config, setup: Setup, layout: Layout = Layout(),
+               task_from: int = 0):
   """THE train step of a group, jitted with its shardings (compiled on first
   use): `step(state, batch, *layout.args) -> (state, metrics)`.
 
@@ -300,6 +312,8 @@ def train_step(config, setup: Setup, layout: Layout = Layout()):
     setup: the group's.
     layout: what its teacher source feeds the step (`teachers.layout`); the
       default is plain training.
+    task_from: the task loss counts from this step on (a group that joins a
+      running run with `codistill.join_warmup_steps`).
   """
   term = (distill_term(config, setup, layout.teacher, layout.precomputed)
           if layout.distills else None)
@@ -308,7 +322,7 @@ def train_step(config, setup: Setup, layout: Layout = Layout()):
   return jax.jit(
       mesh_lib.traced_on(mesh, step_lib.make_train_step(
           setup.model.apply, loss_fn, setup.tx, setup.lr_fn, term,
-          microbatches=config.microbatches)),
+          microbatches=config.microbatches, task_from=task_from)),
       in_shardings=(setup.state_sharding, mesh_lib.batch_sharding(mesh),
                     *layout.arg_shardings),
       out_shardings=(setup.state_sharding, mesh_lib.replicated(mesh)),

@@ -403,6 +403,13 @@ def _comparable(config: ml_collections.ConfigDict) -> dict:
   d = json.loads(config.to_json_best_effort())
   for k in RESUMABLE_FIELDS:
     d.pop(k, None)
+  # A group that joins later brings its own fields (config.group.g<i>, i at
+  # least num_groups): the run it joins is the same run.
+  n = d.get("codistill", {}).get("num_groups", 1)
+  table = d.get("group") or {}
+  for key in list(table):
+    if key[1:].isdigit() and int(key[1:]) >= n:
+      del table[key]
   return d
 
 

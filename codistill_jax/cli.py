@@ -48,8 +48,20 @@ class _ConfigFileParser(flags.ArgumentParser):
   load into a traceback on first use of the config.
   """
 
+  def __init__(self, flag_name: str):
+    super().__init__()
+    self._name = flag_name
+
   def parse(self, argument):
     config = config_lib.load_file(argument)
+    # `--config.group.g<i>.<field>=v` may name an entry (or a model field)
+    # the file did not write: it is created here, before config_flags
+    # defines one override flag per existing field (and sets it again).
+    prefix = f"--{self._name}.{config_lib.GROUP_PREFIX}"
+    for arg in flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False):
+      if arg.startswith(prefix) and "=" in arg:
+        dotted, _, value = arg[len(self._name) + 3:].partition("=")
+        config_lib.set_group_field(config, dotted, value)
     config.lock()
     return config
 
@@ -62,7 +74,7 @@ def define_config_flag(name: str = "config") -> flags.FlagHolder:
   holder = config_flags.DEFINE_config_file(
       name, None, "Experiment config file, optionally with ':arg'; override "
       "fields with --config.a.b=value.", lock_config=True)
-  flags.FLAGS[name].parser = _ConfigFileParser()
+  flags.FLAGS[name].parser = _ConfigFileParser(name)
   return holder
 
 

@@ -90,6 +90,20 @@ def base_config() -> ml_collections.ConfigDict:
   # rules may name 'model' for a dimension (e.g. attention heads); 1 keeps a
   # 1-D 'data' mesh.
   c.sharding.model_axis = 1
+  # Devices of one group (one program: groups of unequal size on one host;
+  # set it per group below); 0: an equal share of the devices the groups
+  # that name theirs leave.
+  c.devices = 0
+
+  # Groups that differ (docs/groups.md). `group.g<i>` holds only the fields
+  # group i sets differently from the rest of this config: its model (name
+  # and fields), batch size, devices, optimizer, alpha, burn-in, temperature,
+  # exchange interval and teacher weighting (GROUP_FIELDS), e.g.
+  # `c.group.g1.model.hidden_sizes = (32,)`, or on the command line
+  # `--config.group.g1.model.hidden_sizes='(32,)'`. Group i's whole config is
+  # `config_lib.group_config(config, i)`; the groups share the data, the task
+  # and the output space.
+  c.group = ml_collections.ConfigDict()
 
   # Codistillation (Anil et al. 2018): G copies exchange stale params.
   c.codistill = ml_collections.ConfigDict()
@@ -116,6 +130,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.codistill.averaging.outer_optimizer = "nesterov"
   c.codistill.averaging.outer_learning_rate = 0.7
   c.codistill.averaging.outer_momentum = 0.9  # 'nesterov' only.
+  # Groups that come and go: average with the peers whose params of the step
+  # arrive within `grace_s` of the group's own, once at least `quorum` of
+  # the groups (itself included) are there; 0: all of them (DiLoCo).
+  # `synchronous` only.
+  c.codistill.averaging.quorum = 0
+  c.codistill.averaging.grace_s = 30.0
   c.codistill.exchange_every = 50  # Steps between publish + reload of peers.
   c.codistill.exchange_dir = ""  # '' = the workdir; NFS or gs:// paths work.
   # How a published step is stored (exchange.FORMATS): 'blob', one object of
@@ -131,6 +151,24 @@ def base_config() -> ml_collections.ConfigDict:
   # than this many steps behind waits for it (free-running processes then
   # distil from teachers of the intended age); 0: never wait.
   c.codistill.max_staleness = 0
+  # Groups that may join a running run later (--groups=g with g up to this,
+  # minus one; docs/groups.md); 0: only the num_groups started.
+  c.codistill.max_groups = 0
+  # What a group that joins a running run starts from (a group is never
+  # restarted for it): 'scratch'; 'peer', the newest published params of a
+  # peer of its architecture (scratch if there is none); with
+  # `join_warmup_steps` > 0 it first learns from its peers alone (task loss
+  # off) for that many steps.
+  c.codistill.join_init = "scratch"
+  c.codistill.join_warmup_steps = 0
+  # How a group weighs its teachers (teachers.WEIGHTINGS): 'uniform';
+  # 'freshness', 1 / (1 + staleness / exchange_every) (newer params count
+  # more: peers that step at different speeds); 'val_loss', a softmax of
+  # minus each peer's newest published validation loss over
+  # `weighting_temperature` (better peers count more; uniform until each
+  # has evaluated).
+  c.codistill.teacher_weighting = "uniform"
+  c.codistill.weighting_temperature = 0.1
   # A peer that publishes nothing newer for this long while a group waits
   # for it is taken as dead: the group goes on without it (and says so).
   c.codistill.peer_timeout_s = 300.0
@@ -228,6 +266,12 @@ RANGES = {
     "codistill.num_groups": "> 0",
     "codistill.exchange_every": "> 0",
     "codistill.max_staleness": ">= 0",
+    "codistill.max_groups": ">= 0",
+    "codistill.join_warmup_steps": ">= 0",
+    "codistill.weighting_temperature": "> 0",
+    "codistill.averaging.quorum": ">= 0",
+    "codistill.averaging.grace_s": ">= 0",
+    "devices": ">= 0",
     "codistill.peer_timeout_s": "> 0",
     "codistill.averaging.outer_learning_rate": "> 0",
     "codistill.averaging.outer_momentum": "[0, 1)",
@@ -253,7 +297,7 @@ RANGES = {
 
 # Sub-dicts whose keys belong to a plug-in (a model's fields, a data module's
 # fields), not to the skeleton.
-_OPEN = ("model", "data", "teacher_model")
+_OPEN = ("model", "data", "teacher_model", "group")
 
 
 # ----------------------------------------------------------------------------
@@ -399,8 +443,8 @@ def _check_skeleton(config, reference, prefix="config") -> None:
     if isinstance(v, ml_collections.ConfigDict):
       if not hasattr(config[k], "keys"):
         raise ConfigError(f"{name} must be a ConfigDict, not {config[k]!r}")
-      if k in ("model", "teacher_model"):
-        continue  # The model module checks its own fields.
+      if k in ("model", "teacher_model", "group"):
+        continue  # The model module (check_groups) checks these fields.
       _check_skeleton(config[k], v, name)
     else:
       check_like(name, config[k], v)
@@ -536,6 +580,9 @@ def apply_overrides(config: ml_collections.ConfigDict,
            (o.partition("=")[::2] for o in overrides))
   for dotted, value in items:
     dotted = dotted.removeprefix("--").removeprefix("config.")
+    if dotted.startswith(GROUP_PREFIX):
+      set_group_field(config, dotted, value)
+      continue
     *parents, leaf = dotted.split(".")
     node = config
     for part in parents:
@@ -585,6 +632,172 @@ def load(path_and_arg: str, overrides: Mapping[str, Any] | Iterable[str] = (),
   if lock:
     config.lock()
   return config
+
+
+# ----------------------------------------------------------------------------
+# Groups that differ: `config.group.g<i>` (docs/groups.md).
+# ----------------------------------------------------------------------------
+# What a group may set differently: a field, or every field under a sub-dict.
+# The rest (data, task loss, steps, the exchange's place and format, the
+# method) is one setting of the whole run.
+GROUP_FIELDS = ("model_name", "model", "data.batch_size", "devices",
+                "optimizer", "microbatches", "sharding.model_axis",
+                "codistill.alpha", "codistill.burn_in_steps",
+                "codistill.alpha_ramp_steps", "codistill.temperature",
+                "codistill.exchange_every", "codistill.teacher_weighting",
+                "codistill.weighting_temperature", "codistill.teacher_dtype")
+_GROUP_KEY = re.compile(r"g(0|[1-9][0-9]*)")
+GROUP_PREFIX = "group."
+
+
+def group_key(group: int) -> str:
+  """The name of group `group`'s entry in `config.group` ('g1')."""
+  return f"g{group}"
+
+
+def flatten(node: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'a.b': leaf} of a nested ConfigDict (or dict)."""
+  out = {}
+  for k, v in node.items():
+    if hasattr(v, "keys"):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def group_overrides(config, group: int) -> dict[str, Any]:
+  """{dotted field: value} that group `group` sets differently ({} if none)."""
+  entry = config.group.get(group_key(group)) if "group" in config else None
+  return flatten(entry) if entry else {}
+
+
+def set_groups(config) -> list[int]:
+  """The groups that set fields of their own (`config.group` entries)."""
+  return sorted(int(k[1:]) for k in config.get("group", {})
+                if _GROUP_KEY.fullmatch(k))
+
+
+def max_groups(config) -> int:
+  """Groups a run may ever have: those started and those that may join."""
+  cd = config.codistill
+  return max(cd.num_groups, cd.max_groups)
+
+
+def group_config(config: ml_collections.ConfigDict,
+                 group: int) -> ml_collections.ConfigDict:
+  """Group `group`'s whole config: `config` with its `group.g<i>` fields.
+
+  A group that sets nothing gets `config` itself. A group that names another
+  `model_name` starts its model fields from empty (another model's fields
+  mean nothing to it); otherwise its model fields update the shared ones.
+  The result's `group` table is empty: it is the config of one group.
+  """
+  over = group_overrides(config, group)
+  if not over:
+    return config
+  c = ml_collections.ConfigDict(config.to_dict())
+  c.group = ml_collections.ConfigDict()
+  if over.get("model_name", config.model_name) != config.model_name:
+    c.model = ml_collections.ConfigDict()
+  for dotted, value in over.items():
+    _set(c, dotted, value, create=dotted.startswith("model."))
+  c.lock()
+  return c
+
+
+def _set(config, dotted: str, value, create: bool = False) -> None:
+  *parents, leaf = dotted.split(".")
+  node = config
+  for part in parents:
+    if part not in node:
+      if not create:
+        raise ConfigError(f"unknown config field {dotted!r}")
+      node[part] = ml_collections.ConfigDict()
+    node = node[part]
+  if leaf not in node and not create:
+    raise ConfigError(f"unknown config field {dotted!r}")
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def set_group_field(config: ml_collections.ConfigDict, dotted: str,
+                    value) -> None:
+  """Sets 'group.g<i>.<field>' = value, creating the entry (unlocked config).
+
+  A string `value` is parsed like the shared field's type (a model field
+  the shared model does not have: as a Python literal, else kept a string).
+  """
+  rest = dotted[len(GROUP_PREFIX):]
+  key, _, field = rest.partition(".")
+  if not _GROUP_KEY.fullmatch(key) or not field:
+    raise ConfigError(f"config.{dotted}: name a group's field as "
+                      "group.g<index>.<field>, e.g. group.g1.model_name")
+  if isinstance(value, str):
+    like = get_field(config, field)
+    try:
+      if like is _MISSING or like is None:
+        import ast  # pylint: disable=g-import-not-at-top
+        try:
+          value = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+          pass  # A plain string (a model name, a dtype).
+      elif not isinstance(like, str):
+        value = parse_value(value, like)
+    except (ValueError, SyntaxError, TypeError, OverflowError,
+            RecursionError):
+      raise ConfigError(f"config.{dotted}={value!r} is not a "
+                        f"{type(like).__name__}") from None
+  with config.unlocked() if config.is_locked else _nothing():
+    if key not in config.group:
+      config.group[key] = ml_collections.ConfigDict()
+    _set(config.group[key], field, value, create=True)
+
+
+def group_error(config, group: int, e: Exception) -> ConfigError:
+  """A ConfigError of group `group`'s own config, said of the run's: the
+  field the group set is named where it is (`config.group.g1.model.x=`),
+  anything else is prefixed with the group."""
+  msg, key = str(e), group_key(group)
+  for dotted in sorted(group_overrides(config, group), key=len, reverse=True):
+    if re.search(rf"config\.{re.escape(dotted)}\b(?!\.)", msg):
+      return ConfigError(re.sub(rf"config\.{re.escape(dotted)}\b(?!\.)",
+                                f"config.group.{key}.{dotted}", msg, count=1))
+  return ConfigError(f"group {group} (config.group.{key}): {msg}")
+
+
+def check_groups(config) -> None:
+  """The `config.group` table: entries g<i> of groups the run may have, of
+  fields a group may set (GROUP_FIELDS) that exist (no jax)."""
+  n, top = config.codistill.num_groups, max_groups(config)
+  base = base_config()
+  for key, entry in config.group.items():
+    m = _GROUP_KEY.fullmatch(key)
+    if not m:
+      raise ConfigError(f"config.group.{key}: a group's entry is named "
+                        "g<index> (g0, g1, ...)")
+    g = int(m.group(1))
+    if g >= top:
+      raise ConfigError(
+          f"config.group.{key}: there is no group {g}: the run has groups "
+          f"0..{n - 1} (config.codistill.num_groups={n}); raise "
+          f"config.codistill.max_groups to let group {g} join")
+    if not hasattr(entry, "keys"):
+      raise ConfigError(f"config.group.{key}={entry!r} must be a ConfigDict "
+                        f"of the fields group {g} sets differently")
+    for dotted in flatten(entry):
+      if not any(dotted == f or dotted.startswith(f + ".")
+                 for f in GROUP_FIELDS):
+        why = ("the groups share their data, task and output space"
+               if dotted.split(".")[0] in ("data", "loss") else
+               "it is one setting of the whole run")
+        raise ConfigError(
+            f"config.group.{key}.{dotted}: a group cannot set this field "
+            f"({why}); a group may set {', '.join(GROUP_FIELDS)}")
+      if not dotted.startswith("model.") and get_field(base,
+                                                       dotted) is _MISSING:
+        raise ConfigError(f"config.group.{key}.{dotted} is not a config "
+                          "field; check the spelling")
 
 
 def config_path(name: str) -> str:

@@ -89,20 +89,35 @@ class Dense:
   """Towards the mean probabilities of in-process teachers (any architecture).
 
   With stacked `Teachers` (step.Teachers) as the step's third argument; a
-  slot of weight 0 (nothing published yet) does not count.
+  slot of weight 0 (nothing published yet) does not count, and the target is
+  the weights' mean. Teachers of several architectures: `teacher_apply_fn`
+  is a tuple of apply functions and the argument a tuple of `Teachers`, one
+  per architecture.
   """
-  teacher_apply_fn: Callable[..., jax.Array]
+  teacher_apply_fn: Callable[..., jax.Array] | tuple[Callable, ...]
   alpha_fn: Callable[[jax.Array], jax.Array]  # step -> weight of the term.
   divergence: str = "kl"  # One of losses.DIVERGENCES.
   temperature: float = 1.0
   binary: bool = False  # One sigmoid logit per example (CTR).
 
   def _mean_target(self, teachers, batch):
-    teacher_logits = per_teacher(
-        lambda p: self.teacher_apply_fn(p, batch["inputs"], train=False),
-        teachers.params)
+    if isinstance(self.teacher_apply_fn, tuple):
+      # Teachers of several architectures: one stacked `Teachers` per
+      # architecture (a tuple, in the order of the apply functions), each
+      # run by its own forward; their predictions are pooled.
+      teacher_logits = jnp.concatenate([per_teacher(
+          lambda p, f=f: f(p, batch["inputs"], train=False).astype(
+              jnp.float32), t.params)
+                                        for f, t in zip(self.teacher_apply_fn,
+                                                        teachers)])
+      weights = jnp.concatenate([t.weights for t in teachers])
+    else:
+      teacher_logits = per_teacher(
+          lambda p: self.teacher_apply_fn(p, batch["inputs"], train=False),
+          teachers.params)
+      weights = teachers.weights
     probs, logits, has_teacher, entropy = losses.teacher_targets(
-        teacher_logits, teachers.weights, self.temperature, self.binary)
+        teacher_logits, weights, self.temperature, self.binary)
     return {"probs": probs, "logits": logits, "entropy": entropy}, has_teacher
 
   def target(self, teachers, batch):

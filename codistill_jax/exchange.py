@@ -85,8 +85,45 @@ def published_steps(directory: str) -> list[int]:
   return sorted(list_steps(kvstore(directory), remote))
 
 
-def encode(params: Any, run: str) -> bytes:
-  """The `<step>.params` object of a tree of host arrays."""
+# ----------------------------------------------------------------------------
+# The run's manifest: one `member.json` per group (paths.member_key).
+# ----------------------------------------------------------------------------
+def write_member(run_dir: str, group: int, record: dict) -> None:
+  """Writes (or replaces, whole) group `group`'s manifest entry."""
+  kvstore(run_dir).write(paths.member_key(group),
+                         json.dumps({"group": group, **record})).result()
+
+
+def read_members(run_dir: str) -> dict[int, dict]:
+  """{group: its manifest entry} of every group that ever published in the
+  run ({} if none yet); an unreadable entry is skipped (read next time)."""
+  remote = "://" in run_dir
+  if not remote and not os.path.isdir(run_dir):
+    return {}
+  kv = kvstore(run_dir)
+  try:
+    keys = [k.decode() if isinstance(k, bytes) else k
+            for k in kv.list(ts.KvStore.KeyRange(
+                inclusive_min="group_", exclusive_max="group`")).result()]
+  except ValueError:
+    return {}
+  out = {}
+  for key in keys:
+    m = re.fullmatch(r"group_(\d+)/" + re.escape(paths.MEMBER_FILE), key)
+    if not m:
+      continue
+    try:
+      got = kv.read(key).result()
+      if got.state == "value":
+        out[int(m.group(1))] = json.loads(got.value)
+    except ValueError:  # Being replaced, or damaged: next time.
+      continue
+  return out
+
+
+def encode(params: Any, run: str, meta: dict | None = None) -> bytes:
+  """The `<step>.params` object of a tree of host arrays (`meta`: what the
+  publisher says about them, e.g. its newest validation loss)."""
   entries, leaves, offset = [], [], 0
   for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
     a = np.ascontiguousarray(x)
@@ -98,7 +135,8 @@ def encode(params: Any, run: str) -> bytes:
   for e, a in zip(entries, leaves):
     payload[e["offset"]:e["offset"] + a.nbytes] = a.reshape(-1).view(np.uint8)
   header = json.dumps({"run": run, "leaves": entries, "nbytes": offset,
-                       "crc32": zlib.crc32(payload)}).encode()
+                       "crc32": zlib.crc32(payload),
+                       **({"meta": meta} if meta else {})}).encode()
   return b"".join([MAGIC, len(header).to_bytes(8, "little"), header,
                    payload.data])
 
@@ -193,9 +231,9 @@ class Publisher:
     self._earlier = set(listed)
     self._mine = sorted(listed)  # Kept steps, oldest first (max_to_keep).
 
-  def _save_blob(self, step: int, copy: Any) -> None:
+  def _save_blob(self, step: int, copy: Any, meta: dict) -> None:
     t = time.thread_time()
-    data = encode(jax.device_get(copy), self._run)
+    data = encode(jax.device_get(copy), self._run, meta)
     self._kv.write(f"{step}.params", data).result()
     self._mine.append(step)
     while len(self._mine) > self._keep:  # Only ever this run's own steps.
@@ -205,11 +243,11 @@ class Publisher:
                            ).result()
     self.cost.add(time.thread_time() - t, len(data))
 
-  def _save_orbax(self, step: int, copy: Any, sums: Any) -> None:
+  def _save_orbax(self, step: int, copy: Any, sums: Any, meta: dict) -> None:
     t = time.thread_time()
     self._mgr.save(step, args=ocp.args.StandardSave(
         {"params": copy, "checksum": sums}), force=True,
-                   custom_metadata={"run": self._run})
+                   custom_metadata={"run": self._run, "meta": meta})
     self.cost.add(time.thread_time() - t, sum(
         x.size * x.dtype.itemsize for x in jax.tree.leaves(copy)))
 
@@ -221,7 +259,8 @@ class Publisher:
       raise ckpt_lib.storage_error(f"published params of step {step}",
                                    self.directory, e) or e
 
-  def publish(self, step: int, params: Any, if_idle: bool = False) -> bool:
+  def publish(self, step: int, params: Any, if_idle: bool = False,
+              meta: dict | None = None) -> bool:
     """Publishes `params` as `step`; returns False if it skipped.
 
     Args:
@@ -231,6 +270,7 @@ class Publisher:
         written (on a saturated host a save can outlast the exchange
         interval; peers then keep a slightly staler teacher rather than the
         training loop stalling).
+      meta: small JSON-able facts committed with the step (`PeerReader.meta`).
     """
     if step in self._earlier:  # Replayed after a restart: already committed.
       return False
@@ -242,7 +282,7 @@ class Publisher:
     # One dispatch: a device copy (the live params are donated to the next
     # step), and for Orbax its checksum; the save runs in the background.
     item = ((_copy(params),) if self.fmt == "blob" else
-            _copy_with_checksum(params))
+            _copy_with_checksum(params)) + (dict(meta or {}),)
     if not self._background:
       self._save(step, *item)
     else:
@@ -327,6 +367,7 @@ class PeerSlot:
   failures: int = 0  # Restores that failed and kept the previous params.
   last_error: str = ""
   kv: Any = None  # The peer's published dir as a key-value store.
+  meta: dict = dataclasses.field(default_factory=dict)  # Of the step held.
 
 
 class PeerReader:
@@ -367,6 +408,7 @@ class PeerReader:
     self._lock = threading.Lock()
     self._pool = concurrent.futures.ThreadPoolExecutor(1)
     self._future = None
+    self._got_meta: dict = {}  # Of the step being restored (one thread).
     self.cost = Cost()
     shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
     stacked_sharding = teachers_sharding(shardings)
@@ -408,6 +450,7 @@ class PeerReader:
     header, arrays = decode(result.value)
     if self.run and header.get("run") != self.run:
       raise ValueError(f"written by another run ({header.get('run')!r})")
+    self._got_meta = header.get("meta") or {}
     extra = sorted(set(arrays) - {path for path, _ in self._leaves})
     if extra:
       raise ValueError(f"another architecture: it has {extra[0]}, which "
@@ -426,9 +469,11 @@ class PeerReader:
 
   def _read_orbax(self, slot: PeerSlot, step: int) -> tuple[Any, int]:
     directory = paths.published_dir(self.run_dir, slot.group)
-    writer = ckpt_lib.step_metadata(directory, step).get("run")
+    metadata = ckpt_lib.step_metadata(directory, step)
+    writer = metadata.get("run")
     if self.run and writer != self.run:
       raise ValueError(f"written by another run ({writer!r})")
+    self._got_meta = metadata.get("meta") or {}
     item = os.path.join(directory, str(step), "default")
     problem = (ckpt_lib.mismatch(item, self._abstract, prefix="params") or
                ckpt_lib.mismatch(item, self._abstract_item))
@@ -486,7 +531,7 @@ class PeerReader:
         return
       self.cost.add(time.thread_time() - t, nbytes)
       with self._lock:
-        slot.step, slot.params = step, params
+        slot.step, slot.params, slot.meta = step, params, self._got_meta
       return
     with self._lock:  # Every newest step vanished under us: try next time.
       slot.last_error = f"newest steps vanished during {self._retries} tries"
@@ -548,6 +593,11 @@ class PeerReader:
       weights = np.array([p is not None for _, _, p in held], np.float32)
       self._teachers = (key, self._stack(weights, *trees))
     return self._teachers[1], {g: step for g, step, _ in held}
+
+  def meta(self, group: int) -> dict:
+    """What peer `group` published with the params held ({} if none)."""
+    with self._lock:
+      return next(dict(s.meta) for s in self.slots if s.group == group)
 
   def held_steps(self) -> dict[int, int | None]:
     """{peer: the step of the params held (None: nothing yet)}."""

@@ -46,9 +46,11 @@ def main(argv):
   config, workdir = _CONFIG.value, _WORKDIR.value
   groups = cli.parse_groups(_GROUPS.value)
   n = config.codistill.num_groups
+  top = max(n, config.codistill.max_groups)  # Groups that may join too.
   for g in groups or ():
-    cli.check_group(g, n, "--groups",
-                    f"the config (config.codistill.num_groups={n})")
+    cli.check_group(g, top, "--groups",
+                    f"the config (config.codistill.num_groups={n}"
+                    + (f", max_groups={top}" if top > n else "") + ")")
   profile = cli.parse_steps(_PROFILE.value, "--profile_steps")
   if flags.FLAGS["compilation_cache"].present and _CACHE.value:
     cli.check_output(os.path.expanduser(_CACHE.value), "--compilation_cache",

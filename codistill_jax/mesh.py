@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from codistill_jax import config_lib
 from codistill_jax.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -29,21 +30,35 @@ MODEL_AXIS = "model"
 STRATEGIES = ("replicate", "fsdp")
 
 
-def group_devices(num_groups: int, devices: Sequence[Any] | None = None):
-  """Splits the (global) devices into `num_groups` equal sub-meshes.
+def group_devices(num_groups: int, devices: Sequence[Any] | None = None,
+                  sizes: Sequence[int] | None = None):
+  """Splits the (global) devices into `num_groups` sub-meshes.
 
-  One process: contiguous runs of its devices. A multi-process job (one JAX
-  job holding G sub-meshes): every group takes the same share of every
-  process's devices, so each group spans all processes and every process
-  runs each group's steps, collectives and Orbax saves in the same order.
-  Groups on disjoint subsets of the processes are not offered: with
-  orbax-checkpoint 0.12.8 a save of a group whose processes exclude process
-  0 never commits (its barrier is not met), and a group held by one process
-  cannot be saved at all (Orbax takes arrays one process holds whole for
-  pmap outputs). Run such groups as separate jobs instead.
+  One process: contiguous runs of its devices, of `sizes` (groups of unequal
+  size; default equal shares). A multi-process job (one JAX job holding G
+  sub-meshes): every group takes the same share of every process's devices,
+  so each group spans all processes and every process runs each group's
+  steps, collectives and Orbax saves in the same order. Groups on disjoint
+  subsets of the processes are not offered: with orbax-checkpoint 0.12.8 a
+  save of a group whose processes exclude process 0 never commits (its
+  barrier is not met), and a group held by one process cannot be saved at
+  all (Orbax takes arrays one process holds whole for pmap outputs). Run
+  such groups (and groups of unequal size across hosts) as separate jobs.
   """
   devices = sorted(devices if devices is not None else jax.devices(),
                    key=lambda d: (d.process_index, d.id))
+  if sizes is not None and len(set(sizes)) > 1:
+    if len({d.process_index for d in devices}) > 1:
+      raise ConfigError(
+          f"groups of unequal size ({list(sizes)} devices) in one job of "
+          "several processes: each group takes an equal share of every "
+          "process there; run each group as its own job (--groups=g, "
+          "sharing config.codistill.exchange_dir; see docs/groups.md)")
+    if sum(sizes) != len(devices):
+      raise ConfigError(f"the groups' devices {list(sizes)} do not add up "
+                        f"to the {len(devices)} devices of this job")
+    ends = np.cumsum([0, *sizes])
+    return [devices[a:b] for a, b in zip(ends[:-1], ends[1:])]
   if num_groups < 1 or len(devices) % num_groups:
     raise ConfigError(
         f"config.codistill.num_groups={num_groups} does not divide the {len(devices)} "
@@ -65,8 +80,57 @@ def group_devices(num_groups: int, devices: Sequence[Any] | None = None):
           for g in range(num_groups)]
 
 
-def slice_groups(num_groups: int, devices: Sequence[Any]) -> list[list[Any]]:
-  """Carves one TPU slice into `num_groups` equal sub-slices (any platform).
+def _devices_field(config, group: int) -> str:
+  """How group `group`'s device count is named in a message."""
+  if "devices" in config_lib.group_overrides(config, group):
+    return (f"config.group.{config_lib.group_key(group)}.devices="
+            f"{config_lib.group_config(config, group).devices}")
+  return f"config.devices={config.devices} (group {group})"
+
+
+def _not_dividing(config, num_devices: int, here: int) -> str:
+  return (f"config.codistill.num_groups={config.codistill.num_groups} does "
+          f"not divide the {num_devices} devices; use a divisor of "
+          f"{num_devices}, give this process more devices (on a CPU host: "
+          f"XLA_FLAGS=--xla_force_host_platform_device_count={here}) "
+          "or run one process per group (experiments/launch_local.py)")
+
+
+def group_sizes(config, groups: Sequence[int], num_devices: int) -> list[int]:
+  """Devices of each of `groups` (the groups of one job) on `num_devices`.
+
+  A group's `devices` (its `config.group.g<i>.devices`, or the shared
+  `config.devices`) when set; the groups that set none share what is left
+  equally. The groups of a job must add up to its devices.
+  """
+  named = {g: config_lib.group_config(config, g).devices for g in groups}
+  fixed = [g for g in groups if named[g]]
+  free = [g for g in groups if not named[g]]
+  if not fixed:
+    if num_devices % len(groups):
+      raise ConfigError(_not_dividing(config, num_devices, len(groups)))
+    return [num_devices // len(groups)] * len(groups)
+  left = num_devices - sum(named[g] for g in fixed)
+  names = " and ".join(_devices_field(config, g) for g in fixed)
+  if free and (left <= 0 or left % len(free)):
+    raise ConfigError(
+        f"{names} leave {left} of the {num_devices} devices for the "
+        f"{len(free)} other group(s) {free}, which need an equal share of at "
+        "least 1 each; set the groups' devices so that they add up to "
+        f"{num_devices}")
+  if not free and left:
+    raise ConfigError(
+        f"{names} add up to {num_devices - left}, not the {num_devices} "
+        f"devices of this job; set the groups' devices so that they add up "
+        f"to {num_devices}")
+  return [named[g] or (left // len(free)) for g in groups]
+
+
+def slice_groups(num_groups: int, devices: Sequence[Any],
+                 sizes: Sequence[int] | None = None) -> list[list[Any]]:
+  """Carves one TPU slice into `num_groups` sub-slices (any platform): equal
+  ones, or of `sizes` devices each (groups of unequal size: contiguous runs
+  in the same order, each of which must be such a block).
 
   TPU devices are ordered as TPU numbers them (z, then y, then x, then core,
   slowest first: the device-id order of v4, v5e, v5p and v6e) and cut into
@@ -82,6 +146,8 @@ def slice_groups(num_groups: int, devices: Sequence[Any]) -> list[list[Any]]:
   """
   devices = list(devices)
   n = len(devices)
+  if sizes is not None and len(set(sizes)) > 1:
+    return _slice_sizes(devices, list(sizes))
   if num_groups < 1 or n % num_groups:
     raise ConfigError(
         f"config.codistill.num_groups={num_groups} does not divide the {n} "
@@ -102,6 +168,33 @@ def slice_groups(num_groups: int, devices: Sequence[Any]) -> list[list[Any]]:
         f"slice whose sides tile a host's {'x'.join(map(str, host))} chips; "
         f"use one of {fits}")
   return [devices[g * per:(g + 1) * per] for g in range(num_groups)]
+
+
+def _slice_sizes(devices: list[Any], sizes: list[int]) -> list[list[Any]]:
+  """`slice_groups` for groups of unequal size."""
+  if sum(sizes) != len(devices):
+    raise ConfigError(f"the groups' devices {sizes} do not add up to the "
+                      f"{len(devices)} devices of the slice")
+  if devices[0].platform != "tpu":
+    devices.sort(key=lambda d: d.id)
+  else:
+    devices.sort(key=lambda d: (*reversed(tuple(d.coords)), d.core_on_chip))
+  ends = np.cumsum([0, *sizes])
+  runs = [devices[a:b] for a, b in zip(ends[:-1], ends[1:])]
+  if devices[0].platform == "tpu":
+    host = _chip_box([d for d in devices
+                      if d.process_index == devices[0].process_index])
+    for g, run in enumerate(runs):
+      box = _chip_box(run)
+      if box is None or (host and any(b % h and h % b
+                                      for b, h in zip(box, host))):
+        raise ConfigError(
+            f"group {g}'s {sizes[g]} devices (config.group.g{g}.devices) "
+            f"are not a block of the "
+            f"{'x'.join(map(str, _chip_box(devices)))} slice whose sides "
+            "tile a host's chips, cut in order after the groups before it; "
+            "give the groups sizes that carve the slice into boxes")
+  return runs
 
 
 def _chip_box(devices: Sequence[Any]) -> tuple[int, ...] | None:
@@ -172,25 +265,38 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_config(config, num_devices: int | None = None,
-                 num_groups_here: int | None = None) -> None:
+                 num_groups_here: int | None = None,
+                 groups: Sequence[int] | None = None) -> None:
   """Sharding rules, and groups and batches that divide the devices.
 
   Args:
     config: the experiment config.
     num_devices: devices of this job (default: jax.device_count()).
-    num_groups_here: groups this job runs (default: all of them).
+    num_groups_here: how many groups this job runs (default: all started).
+    groups: which (default: the first `num_groups_here`).
   """
   check_rules(config.sharding.rules)
   num_devices = num_devices or jax.device_count()
-  groups = num_groups_here or config.codistill.num_groups
-  if num_devices % groups:
-    raise ConfigError(
-        f"config.codistill.num_groups={config.codistill.num_groups} does not "
-        f"divide the {num_devices} devices; use a divisor of {num_devices}, "
-        "give this process more devices (on a CPU host: XLA_FLAGS="
-        f"--xla_force_host_platform_device_count={groups}) or run one process "
-        "per group (experiments/launch_local.py)")
-  per_group = num_devices // groups
+  if groups is None:
+    n = num_groups_here or config.codistill.num_groups
+    if n > num_devices:  # (Before a list of n groups: n may be anything.)
+      raise ConfigError(_not_dividing(config, num_devices, n))
+    groups = range(n)
+  groups = list(groups)
+  sizes = group_sizes(config, groups, num_devices)
+  for g, per_group in zip(groups, sizes):
+    gc = config_lib.group_config(config, g)
+    try:
+      _check_group(gc, per_group)
+    except ConfigError as e:
+      if gc is config:
+        raise
+      raise config_lib.group_error(config, g, e) from None
+
+
+def _check_group(config, per_group: int) -> None:
+  """One group's mesh and batches on its `per_group` devices."""
+  check_rules(config.sharding.rules)
   model = config.sharding.model_axis
   if per_group % model:
     raise ConfigError(

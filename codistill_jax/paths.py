@@ -10,6 +10,11 @@
   WORKDIR/profile/                         jax.profiler traces (--profile_steps)
   EXCHANGE_DIR/runs/<run>/run.json         a run's config, for the humans and
                                            messages that meet it there
+  EXCHANGE_DIR/runs/<run>/group_<g>/member.json
+                                           the run's manifest, one entry per
+                                           group that ever published: its
+                                           architecture, devices, when it
+                                           joined and whether it left
   EXCHANGE_DIR/runs/<run>/group_<g>/published/<step>/
                                            params a group publishes for its
                                            peers; <run> is the run's identity
@@ -69,6 +74,14 @@ def run_dir(exchange_dir: str, run: str) -> str:
 def published_dir(run_dir_: str, group: int) -> str:
   """Where `group` publishes, under its run's folder (`run_dir`)."""
   return os.path.join(run_dir_, f"group_{group}", "published")
+
+
+MEMBER_FILE = "member.json"
+
+
+def member_key(group: int) -> str:
+  """Group `group`'s manifest entry, relative to its run's folder."""
+  return f"group_{group}/{MEMBER_FILE}"
 
 
 def exchange_dir(config, workdir: str) -> str:

@@ -144,7 +144,8 @@ class Speed:
 
   def scalars(self, steps_per_s: float) -> dict[str, float]:
     out = {"steps_per_sec": steps_per_s,
-           f"{self.unit}_per_sec": steps_per_s * self.per_step}
+           f"{self.unit}_per_sec": steps_per_s * self.per_step,
+           "devices": self.devices}
     if self.flops and self.peak:
       out["mfu"] = mfu(self.flops, steps_per_s, self.devices, self.peak)
     return out

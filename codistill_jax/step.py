@@ -62,7 +62,8 @@ class Teachers:
 def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
                     tx: optax.GradientTransformation,
                     lr_fn: Callable[[jax.Array], jax.Array] | None = None,
-                    distill: Any = None, microbatches: int = 1):
+                    distill: Any = None, microbatches: int = 1,
+                    task_from: int = 0):
   """Returns `train_step(state, batch, teachers=None) -> (state, metrics)`.
 
   Args:
@@ -83,6 +84,9 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
       teachers' forward too; gradients, losses and metrics are combined
       weighted by each piece's total `weights`, which equals the whole batch
       at once (no dropout) up to float rounding.
+    task_from: with a distillation term, the task loss counts from this step
+      on (or while no teacher is held); before, the update is the term's
+      alone: a joining group's distillation-only warm-up.
   """
   student = distill_lib.Student(apply_fn, loss_fn)
 
@@ -100,9 +104,12 @@ def make_train_step(apply_fn: Callable[..., jax.Array], loss_fn: LossFn,
       task, d, aux = distill.loss(student, params, batch, rng, target)
       # 0 until a teacher exists, so the log never shows a loss vs nothing.
       d = jnp.where(has_teacher, d, 0.0)
-      return task + alpha * d, {**aux, "distill_loss": d, "alpha": alpha,
-                                "teacher_held": has_teacher.astype(
-                                    jnp.float32)}
+      logged = {**aux, "distill_loss": d, "alpha": alpha,
+                "teacher_held": has_teacher.astype(jnp.float32)}
+      if task_from:
+        task_weight = ((step >= task_from) | ~has_teacher).astype(task.dtype)
+        return task_weight * task + alpha * d, logged
+      return task + alpha * d, logged
 
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return loss, aux, grads

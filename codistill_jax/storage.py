@@ -75,6 +75,7 @@ class Storage:
     self._checkpointers: dict[int, ckpt_lib.Checkpointer] = {}
     self._publishers: dict[int, exchange.Publisher] = {}
     self._locks: list[WriterLock] = []
+    self._members: dict[int, dict] = {}  # Manifest entries written here.
     self._corrupt: dict[int, list[int]] = {g: [] for g in groups}
     self.last_saved: dict[int, int | None] = {g: None for g in groups}
 
@@ -112,19 +113,40 @@ class Storage:
           "(or from config.init_checkpoint), or use a fresh --workdir")
     return None, None
 
+  def check_joinable(self, groups: list[int]) -> None:
+    """Groups beyond those started join a running run: its folder must be
+    on the exchange (the same config and exchange dir as its groups)."""
+    started = (exchange.read_members(self.run_dir) or
+               os.path.exists(os.path.join(self.run_dir, "run.json")))
+    if not started:
+      raise ConfigError(
+          f"--groups={','.join(map(str, groups))} joins a running run, but "
+          f"the exchange dir {self.exchange_root} holds no run {self.run}: "
+          "start its first groups first, with the same config and "
+          "config.codistill.exchange_dir (a config that differs in more "
+          "than config.group.g<joiner> is another run)")
+
   # -- Writes. -------------------------------------------------------------
-  def open(self, publishing: list[int] = (), config=None) -> None:
+  def open(self, publishing: list[int] = (), config=None,
+           members: dict[int, dict] | None = None) -> None:
     """Takes the writer locks and creates the managers: the first writes.
 
     Args:
       publishing: the groups that publish params for peers.
       config: the run's config, written to the run's exchange folder.
+      members: {group: what the manifest says of it (its architecture,
+        devices)} for the groups that publish (`exchange.write_member`).
 
     A write that fails here releases what was taken: nothing is left that
     refuses a rerun.
     """
     try:
       self._open(publishing, config)
+      if self.primary:
+        for g in publishing:
+          self._members[g] = {**(members or {}).get(g, {}),
+                              "status": "running", "joined": time.time()}
+          exchange.write_member(self.run_dir, g, self._members[g])
     except BaseException:
       self.release()
       raise
@@ -215,7 +237,7 @@ class Storage:
                     "; ".join(described))
 
   def publish(self, group: int, step: int, params: Any, *, final: bool,
-              blocking: bool) -> None:
+              blocking: bool, meta: dict | None = None) -> None:
     """Publishes `group`'s params of `step` for its peers.
 
     Args:
@@ -225,11 +247,13 @@ class Storage:
       final: the run's last step: always published, never skipped.
       blocking: wait until committed (else a save still running from the
         previous exchange makes this one skip rather than stall the loop).
+      meta: small facts committed with the params (its validation loss).
     """
     publisher = self._publishers[group]
     if self.multi_process:
       self._checkpointers[group].wait()
-    publisher.publish(step, params, if_idle=not (final or blocking))
+    publisher.publish(step, params, if_idle=not (final or blocking),
+                      meta=meta)
     if blocking:
       publisher.wait()
 
@@ -256,6 +280,18 @@ class Storage:
           # What readers of the params alone verify (init, teachers).
           "params_checksum": ckpt_lib.params_checksum(state, sums)})
       self.last_saved[g] = step
+
+  def leave(self, step: int, status: str = "left") -> None:
+    """Marks this job's publishing groups as gone from the run's manifest
+    (peers stop waiting for them; their last params stay readable)."""
+    for g, record in self._members.items():
+      try:
+        exchange.write_member(self.run_dir, g, {
+            **record, "status": status, "left": time.time(), "step": step})
+      except (OSError, ValueError) as e:  # The job ends either way.
+        logging.warning("group %d: could not mark it %s in the manifest: "
+                        "%s", g, status, e)
+    self._members = {}
 
   def close(self) -> None:
     """Waits for every save and publish to commit, then closes the managers."""

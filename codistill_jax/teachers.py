@@ -11,8 +11,8 @@ protocol. Each class declares:
   shared_init     whether every group starts from the same params (group 0's)
   distills        whether the train step has a distillation term
   check_config(config)  (classmethod) the rules for the fields it uses
-  layout(config, setup, batch)  (classmethod) what the step is compiled
-                  for (`build.Layout`): the teachers' model (None when
+  layout(config, setup, batch, group)  (classmethod) what group `group`'s
+                  step is compiled for (`build.Layout`): the teachers' model (None when
                   targets arrive in the batch), the step's extra arguments
                   and extra batch entries, as ShapeDtypeStructs on the group's
                   mesh; `compile_check` uses it without making a source
@@ -28,6 +28,11 @@ per phase:
   refresh(step)   after every group shared: pick up new teachers.
   update(step, state)   after every group refreshed: the group's new state
                   (parameter averaging sets the averaged params).
+  relayout()      after update: a new `Layout` when the group's teachers
+                  changed (a peer joined the run); the loop rebuilds the
+                  step with it.
+  evaluated(step, metrics)  after a periodic eval: the group's validation
+                  metrics (published with its params: peers may weigh it).
   metrics(step)   scalars for the log at a log step.
   close()
 
@@ -51,6 +56,7 @@ A new source is one class here and an entry in `SOURCES`.
 
 import dataclasses
 import importlib.util
+import json
 import os
 import time
 from typing import Any, Iterator
@@ -73,6 +79,10 @@ from codistill_jax import storage as storage_lib
 from codistill_jax.errors import ConfigError
 
 TEACHER_DTYPES = ("float32", "bfloat16")
+# How a group weighs its teachers (config.codistill.teacher_weighting).
+WEIGHTINGS = ("uniform", "freshness", "val_loss")
+# What a joining group starts from (config.codistill.join_init).
+JOIN_INITS = ("scratch", "peer")
 
 
 Layout = build.Layout
@@ -81,7 +91,7 @@ Layout = build.Layout
 @dataclasses.dataclass(frozen=True)
 class Context:
   """What a group's source is made from (`Sources.make`). Reads only."""
-  config: Any
+  config: Any  # The group's own config (`config_lib.group_config`).
   group: int
   setup: build.Setup
   datasets: Any
@@ -89,6 +99,7 @@ class Context:
   storage: Any  # The job's `storage.Storage`.
   total_steps: int
   shared: dict  # What one job's sources share (the teacher service).
+  run_config: Any = None  # The run's config (every group's fields).
 
 
 class Source:
@@ -106,8 +117,9 @@ class Source:
     del config
 
   @classmethod
-  def layout(cls, config, setup: build.Setup, batch: dict) -> Layout:
-    del config, setup, batch
+  def layout(cls, config, setup: build.Setup, batch: dict,
+             group: int = 0) -> Layout:
+    del config, setup, batch, group
     return Layout()
 
   def wrap(self, batches: Iterator[dict]) -> Iterator[dict]:
@@ -126,6 +138,12 @@ class Source:
   def update(self, step: int, state: Any) -> Any:
     del step
     return state
+
+  def evaluated(self, step: int, metrics: dict[str, float]) -> None:
+    del step, metrics
+
+  def relayout(self) -> Layout | None:
+    return None
 
   def metrics(self, step: int) -> dict[str, float]:
     del step
@@ -188,30 +206,106 @@ class Peers(Source):
     self.every, self.blocking = cd.exchange_every, cd.exchange_blocking
     self.max_staleness, self.peer_timeout_s = (cd.max_staleness,
                                                cd.peer_timeout_s)
+    self.weighting, self.weighting_t = (cd.teacher_weighting,
+                                        cd.weighting_temperature)
     self._dead: dict[int, int] = {}  # Peer -> its newest step when given up.
     self.waited_s = 0.0  # Time spent waiting for peers (max_staleness).
-    peers = [h for h in range(cd.num_groups) if h != group]
-    self.reader = exchange.PeerReader(storage.run_dir, peers,
-                                      setup.abstract.params,
-                                      self.dtype or cd.teacher_dtype,
-                                      run=storage.run)
+    self.val_loss: float | None = None  # Own newest, published with params.
+    # Peers of each architecture (a group with alpha 0 reads none: it only
+    # publishes, e.g. the big group of live big-to-small distillation).
+    self.run_config, self.setup = ctx.run_config or ctx.config, setup
+    self.reads = bool(cd.alpha) or self.dtype is not None
+    self._teacher_dtype = self.dtype or cd.teacher_dtype
+    self.archs = {h: architecture(self.run_config, h)
+                  for h in range(cd.num_groups) if h != group}
+    self.sets = peer_sets(self.run_config, group, setup,
+                          self.archs) if self.reads else []
+    self.readers = [self._reader(ps) for ps in self.sets]
+    self.reader = self.readers[0] if self.readers else None
+    # Groups that come and go (docs/groups.md): the manifest is read at each
+    # exchange when groups may join; a peer that left is not waited for.
+    self.joinable = config_lib.max_groups(self.run_config) > cd.num_groups
+    self._left: set[int] = set()
+    self._new_layout: Layout | None = None
+    self.membership_changes = 0
     # A resumed group picks up what its peers published; with the blocking
     # exchange before its first step, so that a resumed run is exact.
-    self.reader.refresh(block=self.blocking)
+    for reader in self.readers:
+      reader.refresh(block=self.blocking)
     exchange.warm_up(params)
     self.blocked_s = 0.0  # Host time the loop spent in the exchange.
     self._wall0 = None  # When the loop took its first teachers.
     # Per peer, the staleness of the teacher each update of the log window
     # used: [sum, max, count, the newest peer step used].
-    self._window = {s.group: [0, 0, 0, None] for s in self.reader.slots}
+    self._window = {s.group: [0, 0, 0, None] for r in self.readers
+                    for s in r.slots}
+    if self.joinable:  # Peers that joined before this group (re)started.
+      self._discover()
 
   @classmethod
-  def layout(cls, config, setup, batch):
+  def layout(cls, config, setup, batch, group=0):
     del batch
-    cd = config.codistill
-    abstract = stacked_layout(setup.abstract.params, cd.num_groups - 1,
-                              cd.teacher_dtype)
-    return Layout(distills=True, teacher=setup.model, args=(abstract,))
+    own = config_lib.group_config(config, group)
+    if not own.codistill.alpha:  # One-way: this group learns from no one.
+      return Layout()
+    return _peers_layout(own, peer_sets(config, group, setup))
+
+  def _reader(self, ps: "PeerSet") -> exchange.PeerReader:
+    return exchange.PeerReader(self.storage.run_dir, list(ps.peers),
+                               ps.abstract, self._teacher_dtype,
+                               run=self.storage.run)
+
+  def _discover(self) -> None:
+    """Reads the run's manifest: peers that joined get a teacher slot (the
+    step is rebuilt: `relayout`), peers that left are no longer waited
+    for; both are logged."""
+    members = exchange.read_members(self.storage.run_dir)
+    top = config_lib.max_groups(self.run_config)
+    joined = {}
+    for h, record in sorted(members.items()):
+      if h == self.group or not 0 <= h < top:
+        continue
+      if record.get("status") in ("left", "failed") and h not in self._left:
+        self._left.add(h)
+        self.membership_changes += 1
+        logging.warning("group %d: peer %d left the run (%s at step %s); "
+                        "its last params stay its teacher", self.group, h,
+                        record.get("status"), record.get("step"))
+      elif record.get("status") == "running" and h in self._left:
+        self._left.discard(h)
+        self.membership_changes += 1
+        logging.warning("group %d: peer %d is back", self.group, h)
+      if h not in self.archs and record.get("model_name"):
+        joined[h] = (record["model_name"], record.get("model") or {})
+    if not joined:
+      return
+    self.archs.update(joined)
+    self.membership_changes += len(joined)
+    for h, (name, _) in joined.items():
+      logging.warning("group %d: peer %d joined the run (model %s); %d "
+                      "peers now", self.group, h, name, len(self.archs))
+    if not self.reads:
+      return
+    old = {ps.peers: r for ps, r in zip(self.sets, self.readers)}
+    self.sets = peer_sets(self.run_config, self.group, self.setup, self.archs)
+    readers = []
+    for ps in self.sets:
+      reader = old.pop(ps.peers, None)
+      if reader is None:
+        reader = self._reader(ps)
+        reader.refresh(block=True)
+      readers.append(reader)
+    for reader in old.values():
+      reader.close()
+    self.readers, self.reader = readers, readers[0]
+    for h in joined:
+      self._window.setdefault(h, [0, 0, 0, None])
+    self._new_layout = _peers_layout(
+        config_lib.group_config(self.run_config, self.group), self.sets)
+
+  def relayout(self):
+    new, self._new_layout = self._new_layout, None
+    return new
 
   def _timed(self, fn, *args, **kwargs):
     t = time.perf_counter()
@@ -222,44 +316,92 @@ class Peers(Source):
   def step_args(self, step):
     if self._wall0 is None:
       self._wall0 = time.time()
-    teachers, steps = self._timed(self.reader.snapshot)
-    for group, held in steps.items():
-      if held is not None:  # How many steps older the teacher is.
-        w = self._window[group]
-        w[:] = w[0] + step - held, max(w[1], step - held), w[2] + 1, held
-    return (teachers,)
+    if not self.readers:
+      return ()
+    sets = []
+    for reader in self.readers:
+      teachers, steps = self._timed(reader.snapshot)
+      for group, held in steps.items():
+        if held is not None:  # How many steps older the teacher is.
+          w = self._window[group]
+          w[:] = w[0] + step - held, max(w[1], step - held), w[2] + 1, held
+      sets.append(self._weighed(teachers, reader, steps, step))
+    return (sets[0] if len(sets) == 1 else tuple(sets),)
+
+  def _weighed(self, teachers, reader, steps, step):
+    """`teachers` with each held peer's weight by `teacher_weighting`."""
+    if self.weighting == "uniform":
+      return teachers  # Held: 1, not yet: 0 (as the reader stacks them).
+    slots = [s.group for s in reader.slots]
+    w = teacher_weights(self.weighting, [steps[h] for h in slots], step,
+                        self.every, [reader.meta(h).get("val_loss")
+                                     for h in slots], self.weighting_t)
+    return teachers.replace(weights=jnp.asarray(w, jnp.float32))
 
   def share(self, step, params):
     if cadence.is_time(step, self.every):
       self._timed(self.storage.publish, self.group, step, params,
-                  final=step == self.total, blocking=self.blocking)
+                  final=step == self.total, blocking=self.blocking,
+                  meta=self._meta())
+
+  def _meta(self) -> dict:
+    """What is published with the params, for peers that weigh them."""
+    return {} if self.val_loss is None else {"val_loss": self.val_loss}
+
+  def evaluated(self, step, metrics):
+    # The task's validation loss: 'loss', or 'log_loss' for sigmoid tasks.
+    loss = next((v for k, v in metrics.items()
+                 if k.rsplit("/", 1)[-1] in ("loss", "log_loss")), None)
+    if loss is not None and np.isfinite(loss):
+      self.val_loss = float(loss)
 
   def refresh(self, step):
+    if self.joinable and cadence.is_time(step, self.every):
+      self._timed(self._discover)
+    if not self.readers:
+      return
     if cadence.is_time(step, self.every):
       if self.max_staleness:
         # The teachers of the next `every` updates must be new enough, and
         # held before those updates start: wait for them, then restore.
         self._timed(self._wait_for_peers, step)
-        self._timed(self.reader.refresh, block=True)
+        for reader in self.readers:
+          self._timed(reader.refresh, block=True)
       else:
-        self._timed(self.reader.refresh, block=self.blocking)
+        for reader in self.readers:
+          self._timed(reader.refresh, block=self.blocking)
     elif (not self.blocking and self.every // 2 and
           cadence.is_time(step + self.every // 2, self.every)):
-      self._timed(self.reader.start_refresh)
+      for reader in self.readers:
+        self._timed(reader.start_refresh)
 
   def _wait_for_peers(self, step: int) -> None:
     """Waits until every live peer has published a step that keeps the
     teachers of updates step .. step + every - 1 within max_staleness."""
     t0, said = time.time(), False
+    checked = t0
     while True:
-      newest = self.reader.newest_published()
+      newest = {h: s for r in self.readers
+                for h, s in r.newest_published().items()}
       for h, s in list(self._dead.items()):
         if newest[h] > s:  # It publishes again: wait for it again.
           del self._dead[h]
           logging.warning("group %d: peer %d is back (step %d)", self.group,
                           h, newest[h])
       behind = {h: s for h, s in newest.items() if h not in self._dead and
+                h not in self._left and
                 step + self.every - 1 - s > self.max_staleness}
+      if behind and time.time() - checked > 2.0:
+        checked = time.time()  # Every 2 s of waiting: has one left the run?
+        for h, record in exchange.read_members(
+            self.storage.run_dir).items():
+          if h in behind and record.get("status") in ("left", "failed"):
+            self._left.add(h)
+            self.membership_changes += 1
+            logging.warning("group %d: peer %d left the run (%s at step "
+                            "%s); not waiting for it", self.group, h,
+                            record.get("status"), record.get("step"))
+        behind = {h: s for h, s in behind.items() if h not in self._left}
       if not behind:
         break
       if not said:
@@ -292,25 +434,32 @@ class Peers(Source):
         out[f"staleness_max/group_{group}"] = worst
         out[f"teacher_step/group_{group}"] = newest
       self._window[group] = [0, 0, 0, None]
-    out.update(self.reader.failures())
+    for reader in self.readers:
+      out.update(reader.failures())
+    restore = exchange.Cost(*(sum(getattr(r.cost, f) for r in self.readers)
+                              for f in ("cpu_s", "bytes", "calls")))
     # What the exchange cost this group so far, per call (CPU of the
     # exchange's own threads, from thread_time; bytes moved).
     for side, cost in (("publish", self.storage.publish_cost(self.group)),
-                       ("restore", self.reader.cost)):
+                       ("restore", restore)):
       if cost.calls:
         out[f"exchange/{side}_cpu_ms"] = 1e3 * cost.cpu_s / cost.calls
         out[f"exchange/{side}_mb"] = cost.bytes / cost.calls / 2**20
         out[f"exchange/{side}s"] = cost.calls
+    out["peer_wait_s"] = self.waited_s  # In all: waiting for slower peers.
     if self.max_staleness:
-      out["peer_wait_s"] = self.waited_s
       out["peers_given_up"] = len(self._dead)
+    if self.joinable:
+      out["peers"] = len(self.archs) - len(self._left)
+      out["membership_changes"] = self.membership_changes
     return {**out,
             "exchange_blocked_share": self.blocked_s / max(
                 time.time() - (self._wall0 or time.time()), 1e-9),
             "publishes_skipped": self.storage.publishes_skipped(self.group)}
 
   def close(self):
-    self.reader.close()
+    for reader in self.readers:
+      reader.close()
 
 
 class Averaging(Peers):
@@ -336,13 +485,25 @@ class Averaging(Peers):
                  f"the first average would come after "
                  f"config.total_steps={config.total_steps}",
                  "use an interval no longer than the run")
+    avg = cd.averaging
+    if avg.quorum > config_lib.max_groups(config):
+      raise ConfigError(
+          f"config.codistill.averaging.quorum={avg.quorum} exceeds the "
+          f"{config_lib.max_groups(config)} groups the run can have; use at "
+          "most that (0: all of them)")
+    if avg.quorum and not avg.synchronous:
+      never_acts("codistill.averaging.quorum", avg.quorum, "asynchronous "
+                 "averaging never waits for peers", "set it to 0, or "
+                 "config.codistill.averaging.synchronous=True")
 
   def __init__(self, ctx: Context):
     super().__init__(ctx)
     config, setup = ctx.config, ctx.setup
-    self.synchronous = config.codistill.averaging.synchronous
+    avg = config.codistill.averaging
+    self.synchronous = avg.synchronous
     if self.synchronous:  # Wait until every peer has published this step.
       self.max_staleness = self.every - 1
+    self.quorum, self.grace_s = avg.quorum, avg.grace_s
     outer = averaging.make_outer_tx(config.codistill)
     repl = mesh_lib.replicated(setup.mesh)
     self._outer = jax.jit(averaging.make_outer_step(outer),
@@ -355,8 +516,8 @@ class Averaging(Peers):
     self.averaged_with = 0.0  # Peers in the newest average.
 
   @classmethod
-  def layout(cls, config, setup, batch):
-    del config, setup, batch
+  def layout(cls, config, setup, batch, group=0):
+    del config, setup, batch, group
     return Layout()
 
   def step_args(self, step):
@@ -368,16 +529,57 @@ class Averaging(Peers):
   def share(self, step, params):
     if cadence.is_time(step, self.every):
       self._timed(self.storage.publish, self.group, step, params,
-                  final=step == self.total, blocking=self.synchronous)
+                  final=step == self.total, blocking=self.synchronous,
+                  meta=self._meta())
 
   def refresh(self, step):
     if not cadence.is_time(step, self.every):
       return
+    if self.joinable:
+      self._timed(self._discover)
     if self.synchronous:
-      self._timed(self._wait_for_peers, step)
+      self._timed(self._wait_for_quorum if self.quorum else
+                  self._wait_for_peers, step)
       self._timed(self.reader.restore_at, step)
     else:
       self._timed(self.reader.refresh, block=False)
+
+  def _wait_for_quorum(self, step: int) -> None:
+    """Waits for the peers' params of `step`: until every live peer's are
+    there, or `grace_s` after `quorum` groups (this one included) are, or
+    `peer_timeout_s` (then it goes on with whoever arrived)."""
+    t0, reached, checked = time.time(), None, time.time()
+    while True:
+      newest = self.reader.newest_published()
+      if time.time() - checked > 2.0:  # Has one left the run?
+        checked = time.time()
+        for h, record in exchange.read_members(self.storage.run_dir).items():
+          if h in newest and record.get("status") in ("left", "failed") and (
+              h not in self._left):
+            self._left.add(h)
+            self.membership_changes += 1
+            logging.warning("group %d: peer %d left the run", self.group, h)
+      live = [h for h in newest if h not in self._left]
+      here = [h for h in live if newest[h] >= step]
+      if reached is None and len(here) + 1 >= self.quorum:
+        reached = time.time()
+      if (len(here) == len(live) or storage_lib.stop_requested() or
+          (reached is not None and time.time() - reached >= self.grace_s)):
+        break
+      if time.time() - t0 > self.peer_timeout_s:
+        logging.warning("group %d: only %d of the %d groups at step %d "
+                        "after %.0f s (config.codistill.peer_timeout_s; "
+                        "quorum %d): averaging with those", self.group,
+                        len(here) + 1, len(live) + 1, step, time.time() - t0,
+                        self.quorum)
+        break
+      time.sleep(0.05)
+    if len(here) < len(live):
+      logging.info("group %d averages step %d with %d of its %d peers "
+                   "(quorum %d, grace %.1f s; missing %s)", self.group, step,
+                   len(here), len(live), self.quorum, self.grace_s,
+                   sorted(set(live) - set(here)))
+    self.waited_s += time.time() - t0
 
   def update(self, step, state):
     if not cadence.is_time(step, self.every):
@@ -401,6 +603,118 @@ class Averaging(Peers):
       self._drifts.clear()
     out["averaging/peers"] = self.averaged_with
     return out
+
+
+def teacher_weights(weighting: str, held: list[int | None], step: int,
+                    every: int, val_losses: list[float | None],
+                    temperature: float) -> np.ndarray:
+  """Each peer's weight in the target (normalised by the loss), 0 for one
+  whose params are not held yet.
+
+  Args:
+    weighting: one of WEIGHTINGS. 'uniform': 1 each. 'freshness':
+      1 / (1 + staleness / every), staleness = step - the held step.
+      'val_loss': softmax(-loss / temperature) over the held peers, by the
+      validation loss each published with its params; uniform until every
+      held peer has one.
+    held: per peer, the step of the params held (None: none yet).
+    step: the step the update starts from.
+    every: the reading group's exchange interval.
+    val_losses: per peer, the validation loss published with them, or None.
+    temperature: of the 'val_loss' softmax.
+  """
+  has = np.array([h is not None for h in held], np.float64)
+  if weighting == "uniform":
+    return has
+  if weighting == "freshness":
+    age = np.array([step - h if h is not None else 0 for h in held],
+                   np.float64)
+    return has / (1.0 + np.maximum(age, 0.0) / every)
+  known = [l is not None and np.isfinite(l) for l in val_losses]
+  if not all(k for k, h in zip(known, has) if h):
+    return has
+  z = np.array([-l / temperature if k else -np.inf
+                for l, k in zip(val_losses, known)])
+  z = np.where(has > 0, z, -np.inf)
+  if not has.any():
+    return has
+  return np.exp(z - np.max(z))
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerSet:
+  """A group's peers of one architecture: stacked and run as one."""
+  peers: tuple[int, ...]
+  model: Any  # Their Flax module.
+  abstract: Any  # Their params, laid out on the reading group's mesh.
+
+
+def architecture(config, group: int) -> tuple[str, dict]:
+  """(model name, model fields) of group `group` of the run `config`."""
+  own = config_lib.group_config(config, group)
+  return own.model_name, own.model.to_dict()
+
+
+def _arch_key(arch: tuple[str, dict]) -> str:
+  return json.dumps(arch, sort_keys=True, default=str)
+
+
+def peer_sets(config, group: int, setup: build.Setup,
+              archs: dict[int, tuple[str, dict]] | None = None
+              ) -> list[PeerSet]:
+  """Group `group`'s peers, one `PeerSet` per architecture.
+
+  Peers of the group's own architecture come first and use its own layout
+  (the one set of a run of identical groups: the step is as it always was);
+  each other architecture is built from the data's info and laid out on the
+  group's mesh by its sharding rules.
+
+  Args:
+    config: the run's config.
+    group: the reading group.
+    setup: the reading group's.
+    archs: {peer: (model name, fields)}; default every other group started,
+      by its config.
+  """
+  if archs is None:
+    archs = {h: architecture(config, h)
+             for h in range(config.codistill.num_groups) if h != group}
+  own = config_lib.group_config(config, group)
+  mine = _arch_key(architecture(config, group))
+  by_arch: dict[str, list[int]] = {}
+  for h in sorted(archs):
+    by_arch.setdefault(_arch_key(archs[h]), []).append(h)
+  out = []
+  for key, hs in sorted(by_arch.items(), key=lambda kv: (kv[0] != mine,
+                                                         kv[1][0])):
+    if key == mine:
+      out.append(PeerSet(tuple(hs), setup.model, setup.abstract.params))
+      continue
+    name, fields = archs[hs[0]]
+    fields = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in fields.items()}
+    model = models.build(name, fields, setup.info)
+    params = jax.eval_shape(lambda m=model: m.init(
+        jax.random.PRNGKey(0), setup.example, train=False))
+    shardings = mesh_lib.tree_shardings(
+        setup.mesh, {"params": params}, own.sharding.rules,
+        own.sharding.fsdp_min_size)["params"]
+    out.append(PeerSet(tuple(hs), model,
+                       build.with_shardings(params, shardings)))
+  return out
+
+
+def _peers_layout(own, sets: list[PeerSet]) -> Layout:
+  """The step of a group reading `sets`: one stacked `Teachers` per
+  architecture (a tuple of them when there are several)."""
+  if not sets:
+    return Layout()
+  dtype = own.codistill.teacher_dtype
+  stacked = [stacked_layout(ps.abstract, len(ps.peers), dtype) for ps in sets]
+  if len(sets) == 1:
+    return Layout(distills=True, teacher=sets[0].model, args=(stacked[0],))
+  return Layout(distills=True, teacher=tuple(ps.model for ps in sets),
+                args=(tuple(stacked),))
 
 
 def stacked_layout(abstract_params, n: int, dtype) -> step_lib.Teachers:
@@ -454,8 +768,9 @@ class FromCheckpoint(Source):
                                 cd.sampled.num_samples)
 
   @classmethod
-  def layout(cls, config, setup, batch):
+  def layout(cls, config, setup, batch, group=0):
     del batch
+    config = config_lib.group_config(config, group)
     # The checkpoint is not read: its architecture's shapes are what count.
     teacher, abstract = build.fixed_teacher(config, setup.info,
                                             setup.example,
@@ -493,8 +808,9 @@ class Targets(Source):
           "config.codistill.topk (or set num_samples=0)")
 
   @classmethod
-  def layout(cls, config, setup, batch):
+  def layout(cls, config, setup, batch, group=0):
     """The step of targets in `batch['teacher']`: dense probs or top-k."""
+    config = config_lib.group_config(config, group)
     logits = jax.eval_shape(
         lambda p, x: setup.model.apply(p, x, train=False),
         setup.abstract.params, batch["inputs"])
@@ -624,9 +940,10 @@ def source_class(config) -> type[Source]:
   return SOURCES[cd.teacher_source]
 
 
-def layout(config, setup: build.Setup, batch: dict) -> Layout:
-  """What a group's train step takes under `config`'s source (no reads)."""
-  return source_class(config).layout(config, setup, batch)
+def layout(config, setup: build.Setup, batch: dict, group: int = 0) -> Layout:
+  """What group `group`'s train step takes under `config`'s source (no
+  reads); `config` is the run's (`config.group` included)."""
+  return source_class(config).layout(config, setup, batch, group)
 
 
 class Sources:
@@ -640,16 +957,17 @@ class Sources:
     self._shared: dict[str, Any] = {}
     self._made: list[Source] = []
 
-  def layout(self, setup: build.Setup, batch: dict) -> Layout:
-    return self.cls.layout(self.config, setup, batch)
+  def layout(self, setup: build.Setup, batch: dict, group: int = 0) -> Layout:
+    return self.cls.layout(self.config, setup, batch, group)
 
   def make(self, group: int, setup: build.Setup, datasets, params: Any):
     """Group `group`'s source, for its initial `params`.
 
     Reads only: nothing is written here.
     """
-    source = self.cls(Context(self.config, group, setup, datasets, params,
-                              self.storage, self.total, self._shared))
+    source = self.cls(Context(
+        config_lib.group_config(self.config, group), group, setup, datasets,
+        params, self.storage, self.total, self._shared, self.config))
     self._made.append(source)
     return source
 
@@ -679,6 +997,8 @@ def check_config(config) -> None:
   config_lib.check_choice(config, "codistill.averaging.outer_optimizer",
                           averaging.OUTER_OPTIMIZERS)
   config_lib.check_choice(config, "codistill.teacher_dtype", TEACHER_DTYPES)
+  config_lib.check_choice(config, "codistill.teacher_weighting", WEIGHTINGS)
+  config_lib.check_choice(config, "codistill.join_init", JOIN_INITS)
   config_lib.check_choice(config, "codistill.exchange_format",
                           exchange.FORMATS)
   if cd.exchange_format == "blob" and jax.process_count() > 1:
@@ -708,6 +1028,100 @@ def check_config(config) -> None:
     raise ConfigError(f"config.codistill.teacher_checkpoint="
                       f"{cd.teacher_checkpoint}: no such directory")
   cls.check_config(config)
+
+
+def check_groups(config) -> None:
+  """What groups that differ (`config.group`) need of each other: one
+  method's rules, joiners a source that reads peers (no jax needed)."""
+  cd = config.codistill
+  cls = source_class(config)
+  n, top = cd.num_groups, config_lib.max_groups(config)
+  if top > n and not cls.publishes:
+    raise ConfigError(
+        f"config.codistill.max_groups={cd.max_groups}: groups join a run "
+        "through the peers' exchange; it needs config.codistill."
+        "teacher_source='peers' and num_groups of at least 2")
+  if cd.join_warmup_steps and top == n:
+    never_acts("codistill.join_warmup_steps", cd.join_warmup_steps,
+               "no group can join (config.codistill.max_groups is not above "
+               "num_groups)", "set it to 0, or raise max_groups")
+  archs = {_arch_key(architecture(config, 0)): 0}
+  for g in config_lib.set_groups(config):
+    over = config_lib.group_overrides(config, g)
+    name = f"config.group.{config_lib.group_key(g)}"
+    if cls is Averaging:
+      changed = sorted(k for k in over if k.split(".")[0] in (
+          "model_name", "model") or k == "codistill.exchange_every")
+      if changed:
+        raise ConfigError(
+            f"{name}.{changed[0]}: parameter averaging "
+            "(config.codistill.method='average') needs every group to be "
+            "the same model on the same exchange interval; codistill "
+            "(method='distill') groups that differ")
+    archs.setdefault(_arch_key(architecture(config, g)), g)
+  if len(archs) > 1 and cd.sampled.num_samples:
+    first, other = sorted(archs.values())[:2]
+    raise ConfigError(
+        f"groups {first} and {other} are different models: sampled "
+        "distillation (config.codistill.sampled.num_samples) needs peers of "
+        "one architecture; set num_samples=0 or give the groups one model")
+
+
+def join_params(config, group: int, setup: build.Setup, storage):
+  """A joining group's first params by `codistill.join_init`: None (its own
+  init: 'scratch', or 'peer' with no peer of its architecture published
+  yet), or the newest published params of a peer of its architecture."""
+  own = config_lib.group_config(config, group)
+  if own.codistill.join_init != "peer":
+    logging.info("group %d joins the run from scratch", group)
+    return None
+  mine = _arch_key(architecture(config, group))
+  members = exchange.read_members(storage.run_dir)
+  same = [h for h, r in sorted(members.items()) if h != group and
+          _arch_key((r.get("model_name"), r.get("model") or {})) == mine]
+  if not same:
+    logging.warning("group %d joins from scratch: no peer of its "
+                    "architecture has published (config.codistill."
+                    "join_init='peer')", group)
+    return None
+  reader = exchange.PeerReader(storage.run_dir, same, setup.abstract.params,
+                               jnp.float32, run=storage.run)
+  try:
+    reader.refresh(block=True)
+    held = reader.held_steps()
+    best = max((h for h in same if held[h] is not None),
+               key=lambda h: held[h], default=None)
+    if best is None:
+      logging.warning("group %d joins from scratch: its peers %s have "
+                      "published nothing yet", group, same)
+      return None
+    teachers, _ = reader.snapshot()
+    i = same.index(best)
+    logging.info("group %d joins from peer %d's params of step %d", group,
+                 best, held[best])
+    return jax.device_put(jax.tree.map(lambda x: x[i], teachers.params),
+                          setup.state_sharding.params)
+  finally:
+    reader.close()
+
+
+def check_output_spaces(config, outputs: dict[int, tuple]) -> None:
+  """Groups share one output space: `outputs` is {group: the shape of its
+  model's logits on one example}; a difference names both groups and the
+  fields that make it."""
+  first = min(outputs)
+  for g, shape in sorted(outputs.items()):
+    if tuple(shape) != tuple(outputs[first]):
+      fields = [f"config.group.{config_lib.group_key(h)}.{k}"
+                for h in (first, g)
+                for k in config_lib.group_overrides(config, h)
+                if k.split(".")[0] in ("model_name", "model")]
+      raise ConfigError(
+          f"groups {first} and {g} do not share an output space: group "
+          f"{first}'s model predicts {tuple(outputs[first])}, group {g}'s "
+          f"{tuple(shape)} ({', '.join(fields) or 'their model fields'}); "
+          "groups distil each other's predictions, so they need the same "
+          "classes (vocabulary and tokenizer for LMs)")
 
 
 def never_acts(field: str, value, why: str, fix: str) -> None:

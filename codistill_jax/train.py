@@ -30,6 +30,7 @@ import codistill_jax
 from codistill_jax import build
 from codistill_jax import cadence
 from codistill_jax import checkpoint as ckpt_lib
+from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import evaluation
 from codistill_jax import mesh as mesh_lib
@@ -51,6 +52,7 @@ MAX_STEPS_AHEAD = 2
 class Group:
   """Everything the loop holds for one group this job drives."""
   index: int
+  config: Any  # The group's own config (`config_lib.group_config`).
   datasets: Any
   state: Any
   source: teachers_lib.Source
@@ -58,6 +60,8 @@ class Group:
   eval_step: Callable
   predict_step: Callable
   batch_sharding: Any
+  setup: Any = None  # Its `build.Setup` (the step is rebuilt from it).
+  task_from: int = 0  # Its step's `task_from` (a joiner's warm-up).
   writer: metrics_lib.MetricWriter | None = None
   batches: Iterator | None = None
   speed: perf.Speed = perf.Speed()  # What its steps/s means.
@@ -88,18 +92,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # Validate everything before compiling or writing anything.
   # --------------------------------------------------------------------------
   num_groups = config.codistill.num_groups
+  top = config_lib.max_groups(config)
   groups = list(range(num_groups)) if groups is None else sorted(set(groups))
-  if not groups or not all(0 <= g < num_groups for g in groups):
+  if not groups or not all(0 <= g < top for g in groups):
     raise ConfigError(f"--groups={groups} must name groups in "
-                      f"0..{num_groups - 1} (config.codistill.num_groups)")
-  validate.validate(config, num_groups_here=len(groups))
+                      f"0..{top - 1} (config.codistill.num_groups"
+                      f"{', max_groups' if top > num_groups else ''})")
+  validate.validate(config, groups=groups)
   if profile_steps and profile_steps[1] > config.total_steps:
     raise ConfigError(f"--profile_steps={profile_steps[0]}:{profile_steps[1]}"
                       f" ends after config.total_steps={config.total_steps}:"
                       " pick steps inside the run")
   ckpt_lib.check_workdir(workdir, config)
   data_module = data_lib.get_module(config.data.name)
-  devices = dict(zip(groups, mesh_lib.group_devices(len(groups))))
+  devices = dict(zip(groups, mesh_lib.group_devices(
+      len(groups), sizes=mesh_lib.group_sizes(config, groups,
+                                              jax.device_count()))))
   procs_of = {g: sorted({d.process_index for d in devices[g]}) for g in groups}
   owned = [g for g in groups if jax.process_index() in procs_of[g]]
   total = config.total_steps
@@ -108,6 +116,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       config.keep_checkpoints, run=ckpt_lib.run_identity(config),
       primary=jax.process_index() == 0)
   storage.check_writers()
+  joiners = [g for g in groups if g >= num_groups]
+  if joiners:
+    storage.check_joinable(joiners)
   sources = teachers_lib.Sources(config, storage, total)
 
   # --------------------------------------------------------------------------
@@ -117,13 +128,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # first write.
   # --------------------------------------------------------------------------
   run: list[Group] = []
+  outputs = {}  # Each group's logits shape: one output space for all.
   for g in owned:
-    mesh = mesh_lib.make_mesh(devices[g], config.sharding.model_axis)
+    gconf = config_lib.group_config(config, g)  # Its model, batch, ...
+    mesh = mesh_lib.make_mesh(devices[g], gconf.sharding.model_axis)
     proc, nproc = _process_slot(procs_of[g])
+    # A group that joins later reads the shard of group g mod num_groups.
     datasets = data_module.get_datasets(
-        config, group=g, num_groups=num_groups, process_index=proc,
-        process_count=nproc)
-    setup = build.build(config, datasets, mesh)
+        gconf, group=g % num_groups, num_groups=num_groups,
+        process_index=proc, process_count=nproc)
+    setup = build.build(gconf, datasets, mesh)
+    outputs[g] = jax.eval_shape(
+        lambda p, x, m=setup.model: m.apply(p, x, train=False),
+        setup.abstract.params, setup.example).shape
+    teachers_lib.check_output_spaces(config, outputs)
 
     # Resume order: own checkpoint, then config.init_checkpoint, then scratch.
     start, state = storage.resume(g, setup.abstract)
@@ -142,28 +160,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         state = state.replace(params=ckpt_lib.restore_params(
             config.init_checkpoint, setup.abstract.params))
         logging.info("group %d: params from %s", g, config.init_checkpoint)
+      elif g >= num_groups:  # Joins a running run: a fresh group.
+        params = teachers_lib.join_params(config, g, setup, storage)
+        if params is not None:
+          state = state.replace(params=params)
 
     example = next(iter(datasets.train(0)))
-    layout = sources.layout(setup, example)
-    train_step = build.train_step(config, setup, layout)
-    if not run:  # Every group's step has the same shapes: count once.
-      unit, per_step = perf.describe(example)
-      # The model's own count where it has one, else XLA's.
-      flops = nproc * perf.model_flops(setup.model, example,
-                                       layout.num_teachers)
-      if not flops:
-        flops = perf.step_flops(train_step, setup.abstract, {
-            **build.with_shardings(example, mesh_lib.batch_sharding(mesh)),
-            **layout.batch}, *layout.args)
-      speed = perf.Speed(unit, per_step * nproc, flops, len(devices[g]),
-                         perf.peak_flops(devices[g][0]))
+    source = sources.make(g, setup, datasets, state.params)
+    # (A source that met peers which joined the run has their layout.)
+    layout = source.relayout() or sources.layout(setup, example, g)
+    # A group that joins a running run may first learn from its peers alone.
+    task_from = gconf.codistill.join_warmup_steps if g >= num_groups else 0
+    train_step = build.train_step(gconf, setup, layout, task_from)
+    # Each group's own count (groups may differ in model, batch, devices):
+    # the model's own where it has one (teachers of its architecture), else
+    # XLA's.
+    unit, per_step = perf.describe(example)
+    flops = 0 if layout.mixed else nproc * perf.model_flops(
+        setup.model, example, layout.num_teachers)
+    if not flops:
+      flops = perf.step_flops(train_step, setup.abstract, {
+          **build.with_shardings(example, mesh_lib.batch_sharding(mesh)),
+          **layout.batch}, *layout.args)
+    speed = perf.Speed(unit, per_step * nproc, flops, len(devices[g]),
+                       perf.peak_flops(devices[g][0]))
     run.append(Group(
-        g, datasets, state, sources.make(g, setup, datasets, state.params),
-        train_step, build.jit_eval_step(config, setup),
-        build.jit_eval_step(config, setup, predictions=True),
-        mesh_lib.batch_sharding(mesh), speed=speed,
-        noise_scale=(build.jit_noise_scale(config, setup)
-                     if config.noise_scale.every else None)))
+        g, gconf, datasets, state, source, train_step, build.jit_eval_step(gconf, setup),
+        build.jit_eval_step(gconf, setup, predictions=True),
+        mesh_lib.batch_sharding(mesh), setup=setup, task_from=task_from,
+        speed=speed,
+        noise_scale=(build.jit_noise_scale(gconf, setup)
+                     if gconf.noise_scale.every else None)))
     n_params = sum(x.size for x in jax.tree.leaves(setup.abstract.params))
     logging.info("group %d: %d devices, %d params, examples %s", g,
                  len(devices[g]), n_params,
@@ -172,13 +199,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --------------------------------------------------------------------------
   # The first writes: managers, the run's identity, metric writers.
   # --------------------------------------------------------------------------
-  storage.open(publishing=owned if sources.publishes else [], config=config)
+  storage.open(publishing=owned if sources.publishes else [], config=config,
+               members={grp.index: {
+                   "model_name": grp.config.model_name,
+                   "model": grp.config.model.to_dict(),
+                   "devices": len(devices[grp.index]),
+                   "batch_size": grp.config.data.batch_size} for grp in run})
+  status, steps_done = "failed", {}
   try:
-    final = _loop(config, workdir, run, storage, procs_of, profile_steps)
+    final = _loop(config, workdir, run, storage, procs_of, profile_steps,
+                  steps_done)
+    status = "left"
   finally:
     for grp in run:  # Input threads end before anything else (see Prefetch).
       if grp.batches is not None:
         grp.batches.close()
+    storage.leave(max(steps_done.values(), default=0), status)
     storage.release()  # The locks go even when the loop fails.
   storage.close()
   sources.close()
@@ -186,7 +222,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _loop(config, workdir: str, run: list[Group], storage, procs_of,
-          profile_steps) -> dict:
+          profile_steps, steps: dict) -> dict:
   """Trains `run`'s groups to config.total_steps (or a stop); returns evals."""
   total = config.total_steps
   if jax.process_index() == 0:
@@ -204,7 +240,8 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
   # --------------------------------------------------------------------------
   # The loop. Metrics stay on device until a log step.
   # --------------------------------------------------------------------------
-  steps = {grp.index: int(grp.state.step) for grp in run}
+  # Each group's steps done (also read by the caller when the loop fails).
+  steps.update({grp.index: int(grp.state.step) for grp in run})
   depth = pipeline.prefetch_depth(config.data.prefetch, [
       d for grp in run for d in grp.batch_sharding.mesh.local_devices])
   for grp in run:
@@ -216,6 +253,10 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
         depth=depth)
   first = min(steps.values())
   t0, s0 = time.time(), first
+  # Goodput: the share of the log window's wall time not spent evaluating,
+  # saving or in the group's exchange (publishing, restoring, waiting).
+  idle = {"eval": 0.0, "save": 0.0}
+  exchange_s = {grp.index: 0.0 for grp in run}
   final: dict = {}
 
   profile = perf.Trace(profile_steps, paths.profile_dir(workdir))
@@ -227,7 +268,7 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
           continue  # This group resumed from a later checkpoint.
         batch = next(grp.batches)
         if grp.noise_scale and cadence.is_time(step + 1,
-                                               config.noise_scale.every):
+                                               grp.config.noise_scale.every):
           grp.noise.append(grp.noise_scale(grp.state, batch))
         grp.state, m = grp.train_step(grp.state, batch,
                                       *grp.source.step_args(step))
@@ -251,14 +292,26 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
         grp.source.refresh(done)
       for grp in run:
         grp.state = grp.source.update(done, grp.state)
+        layout = grp.source.relayout()
+        if layout is not None:  # A peer joined: its teachers join the step.
+          logging.info("group %d: step rebuilt for %d teachers", grp.index,
+                       layout.num_teachers)
+          grp.train_step = build.train_step(grp.config, grp.setup, layout,
+                                            grp.task_from)
 
       if cadence.is_time(done, config.log_every, total):
         # Rate over the last log window (the first one includes compilation).
         now = time.time()
-        rate = (done - s0) / max(now - t0, 1e-9)
+        window = now - t0
+        rate = (done - s0) / max(window, 1e-9)
         t0, s0 = now, done
         losses_str = []
         for grp in run:
+          blocked = getattr(grp.source, "blocked_s", 0.0)
+          grp_exchange, exchange_s[grp.index] = (
+              blocked - exchange_s[grp.index], blocked)
+          goodput = max(0.0, 1.0 - (idle["eval"] + idle["save"] +
+                                    grp_exchange) / max(window, 1e-9))
           stacked = jax.device_get(metrics_lib.stack_window(grp.pending))
           grp.pending.clear()
           metrics_lib.check_finite(config, done, stacked, storage.last_saved[grp.index],
@@ -269,12 +322,14 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
                 jax.device_get(metrics_lib.stack_window(grp.noise)))
             grp.noise.clear()
             scalars.update(noise)
-            scalars.update(noise_scale.summarize(noise,
-                                                 config.data.batch_size))
+            scalars.update(noise_scale.summarize(
+                noise, grp.config.data.batch_size))
           scalars.update(grp.speed.scalars(rate))
+          scalars["goodput"] = goodput
           scalars.update(grp.source.metrics(done))
           grp.writer.write(done, scalars)
           losses_str.append(f"{scalars['loss']:.4f}")
+        idle.update(eval=0.0, save=0.0)
         eta = (total - done) / max(rate, 1e-9)
         logging.info("step %d/%d loss %s  %.2f steps/s  %s  ETA %s", done,
                      total, " ".join(losses_str), rate,
@@ -282,6 +337,7 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
 
       if cadence.is_time(done, config.eval_every, total):
+        t_eval = time.time()
         periodic = run[0].datasets.periodic_split
         splits = (list(run[0].datasets.evals) if done == total
                   else [periodic])
@@ -289,12 +345,17 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
         for split in splits:
           for key, values in evaluate(split).items():
             final.setdefault(key, {}).update(values)
+        for grp in run:
+          grp.source.evaluated(done, {
+              k: v for k, v in final.get(grp.index, {}).items()
+              if k.startswith(f"{periodic}/")})
         for key, values in final.items():
           writer = (ensemble_writer if key == "groups" else
                     next(grp.writer for grp in run if grp.index == key))
           writer.write(done, values)
           logging.info("eval step %d %s: %s", done,
                        key if key == "groups" else f"group {key}", values)
+        idle["eval"] += time.time() - t_eval
 
       stop = preemption.should_stop(done)
       if cadence.is_time(done, config.checkpoint_every, total) or stop:
@@ -304,7 +365,9 @@ def _loop(config, workdir: str, run: list[Group], storage, procs_of,
             newest = jax.device_get(grp.pending[-1])
             metrics_lib.check_finite(config, done, newest, storage.last_saved[grp.index],
                           grp.index)
+        t_save = time.time()
         storage.save(done, {grp.index: grp.state for grp in run})
+        idle["save"] += time.time() - t_save
       if stop:
         logging.warning("stopped at step %d after SIGTERM or Ctrl-C; resume "
                         "with the same command", done)

@@ -18,6 +18,7 @@ from codistill_jax import noise_scale
 from codistill_jax import optim
 from codistill_jax import sampling
 from codistill_jax import teachers
+from codistill_jax.errors import ConfigError
 
 # Owners checked in this order: a message names the first problem found.
 _CHECKS = (teachers.check_config, checkpoint.check_config,
@@ -26,15 +27,30 @@ _CHECKS = (teachers.check_config, checkpoint.check_config,
 
 
 def validate(config, num_devices: int | None = None,
-             num_groups_here: int | None = None) -> None:
+             num_groups_here: int | None = None,
+             groups=None) -> None:
   """Raises ConfigError naming the first problem; returns None if all is well.
 
-  `num_devices` and `num_groups_here` describe the job the config runs in
-  (default: every visible device, every group); `mesh.check_config` checks
-  the groups and batches against them.
+  `num_devices`, `num_groups_here` and `groups` describe the job the config
+  runs in (default: every visible device, every group started);
+  `mesh.check_config` checks the groups and batches against them. Each group
+  that sets fields of its own (`config.group.g<i>`) is checked whole, as the
+  config of that group, and named in the message.
   """
   config_lib.check_skeleton(config)
+  config_lib.check_groups(config)
   for check in _CHECKS:
     check(config)
+  for g in config_lib.set_groups(config):  # (Indices checked above.)
+    own = config_lib.group_config(config, g)
+    if own is config:
+      continue
+    try:
+      config_lib.check_skeleton(own)
+      for check in _CHECKS:
+        check(own)
+    except ConfigError as e:
+      raise config_lib.group_error(config, g, e) from None
+  teachers.check_groups(config)
   mesh.check_config(config, num_devices=num_devices,
-                    num_groups_here=num_groups_here)
+                    num_groups_here=num_groups_here, groups=groups)

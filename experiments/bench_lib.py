@@ -1,6 +1,7 @@
 """Helpers shared by the benchmark scripts (no flags, no side effects)."""
 
 import os
+import re
 import time
 
 import jax
@@ -34,3 +35,15 @@ def write_json(path: str, results) -> None:
   with open(path, "w") as f:
     json.dump(results, f, indent=2)
   print(f"wrote {path}")
+
+
+def put_section(report: str, text: str, key: str) -> None:
+  """Replaces the section of REPORT.md marked `<!-- key -->...<!-- /key -->`
+  (`text` carries the markers) or appends it."""
+  old = open(report).read() if os.path.exists(report) else ""
+  pattern = re.compile(rf"<!-- {re.escape(key)} -->.*?"
+                       rf"<!-- /{re.escape(key)} -->", re.S)
+  new = (pattern.sub(lambda _: text, old) if pattern.search(old)
+         else old.rstrip("\n") + "\n\n" + text + "\n")
+  with open(report, "w") as f:
+    f.write(new)

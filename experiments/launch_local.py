@@ -50,6 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from codistill_jax import cli
+from codistill_jax import config_lib
 from codistill_jax import paths
 from codistill_jax.errors import ConfigError
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -95,11 +96,13 @@ def _die_with_parent(parent: int):
 
 
 def commands(config_args: list[str], workdir: str, groups: list[int],
-             procs: int, devices: int, platform: str | None):
-  """(argv, env, log name) of every process to start."""
+             procs: int, devices, platform: str | None):
+  """(argv, env, log name) of every process to start; `devices`: each
+  process's device count, or {group: count} (groups of unequal size)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = []
   for g in groups:
+    per_process = devices[g] if isinstance(devices, dict) else devices
     port = free_port() if procs > 1 else None
     for p in range(procs):
       argv = [sys.executable, "-m", "codistill_jax.main", *config_args,
@@ -112,7 +115,8 @@ def commands(config_args: list[str], workdir: str, groups: list[int],
       if platform is not None:
         env["JAX_PLATFORMS"] = platform
       # Only the CPU platform reads this; on an accelerator it is a no-op.
-      env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+      env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count="
+                          f"{per_process}")
       # Groups may share one accelerator: allocate on demand, not 75% each.
       env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
       out.append((argv, env, f"group_{g}.proc_{p}.log"))
@@ -203,10 +207,13 @@ def check_flags(config) -> list[int]:
   cli.check_at_least(_DEVICES.value, "--devices_per_process")
   cli.check_at_least(_PROGRESS.value, "--progress_every", 0)
   num_groups = config.codistill.num_groups
+  top = config_lib.max_groups(config)
   groups = cli.parse_groups(_GROUPS.value)
   for g in groups or ():
-    cli.check_group(g, num_groups, "--groups",
-                    f"the config (config.codistill.num_groups={num_groups})")
+    cli.check_group(g, top, "--groups",
+                    f"the config (config.codistill.num_groups={num_groups}"
+                    + (f", max_groups={top}" if top > num_groups else "")
+                    + ")")
     if groups.count(g) > 1:
       raise ConfigError(f"--groups={','.join(_GROUPS.value)} names group {g} "
                         "twice; a group is one job: name each once")
@@ -260,13 +267,24 @@ def main(argv):
   from codistill_jax import checkpoint as ckpt_lib
   from codistill_jax import validate
   # pylint: enable=g-import-not-at-top
-  validate.validate(config, num_devices=1, num_groups_here=1)
+  # Each group's processes: its own `devices` (config.group.g<i>.devices)
+  # split over them, else --devices_per_process each.
+  devices = {}
+  for g in groups:
+    own = config_lib.group_config(config, g).devices
+    if own and own % _PROCS.value:
+      raise ConfigError(
+          f"config.group.{config_lib.group_key(g)}.devices={own} does not "
+          f"split over --processes_per_group={_PROCS.value}; use a multiple")
+    devices[g] = own // _PROCS.value if own else _DEVICES.value
+    validate.validate(config, num_devices=devices[g] * _PROCS.value,
+                      groups=[g])
   ckpt_lib.check_workdir(workdir, config)
   logdir = paths.logs_dir(workdir)
   cli.check_output(logdir, "the log directory under --workdir",
                    directory=True)
   todo = commands(config_flags(sys.argv[1:]), workdir, groups, _PROCS.value,
-                  _DEVICES.value, _PLATFORM.value)
+                  devices, _PLATFORM.value)
   for _, _, log in todo:
     cli.check_output(os.path.join(logdir, log), "a log under --workdir")
 

@@ -34,6 +34,7 @@ import time
 
 import numpy as np
 
+import bench_lib  # pylint: disable=g-bad-import-order
 from repro_report import steps_to  # pylint: disable=g-bad-import-order
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -456,17 +457,6 @@ def _bytes(x: float) -> str:
   return f"{x:.0f} TB"
 
 
-def put_section(report: str, text: str, preset: str) -> None:
-  """Replaces the preset's marked section of REPORT.md (or appends it)."""
-  old = open(report).read() if os.path.exists(report) else ""
-  pattern = re.compile(rf"<!-- regime_study:{preset} -->.*?"
-                       rf"<!-- /regime_study:{preset} -->", re.S)
-  new = (pattern.sub(lambda _: text, old) if pattern.search(old)
-         else old.rstrip("\n") + "\n\n" + text + "\n")
-  with open(report, "w") as f:
-    f.write(new)
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--preset", default="fashion", choices=sorted(PRESETS))
@@ -513,8 +503,9 @@ def main():
   png = os.path.join(plot_dir, f"regime_{args.preset}.png")
   plot(out, png)
   if args.report:
-    put_section(args.report, section(out, f"report/regime_{args.preset}.png"),
-                args.preset)
+    bench_lib.put_section(args.report, section(
+        out, f"report/regime_{args.preset}.png"),
+                          f"regime_study:{args.preset}")
   for v in verdicts(out):
     log(v)
   log(f"wrote {path}")

@@ -955,6 +955,13 @@ def write_report(by_study: dict, out: str, quick: bool, repo: str) -> str:
                "wd": wd["summary"], "sensitivity": sens["summary"]}, f,
               indent=1, default=float)
   path = os.path.join(out, "REPORT.md")
+  # Sections other studies put in REPORT.md between their own markers
+  # (regime_study, hetero_study: bench_lib.put_section) are kept.
+  kept = []
+  if os.path.exists(path):
+    with open(path) as f:
+      kept = [m.group(0) for m in re.finditer(
+          r"<!-- ([\w:]+) -->.*?<!-- /\1 -->", f.read(), re.S)]
   with open(path, "w") as f:
-    f.write("\n".join(sections))
+    f.write("\n".join(sections + [x + "\n" for x in kept]))
   return path

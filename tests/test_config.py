@@ -34,6 +34,12 @@ def _ranges(config) -> dict[str, str]:
   out.update({f"model.{k}": v for k, v in getattr(model, "RANGES", {}).items()})
   data = data_lib.get_module(config.data.name)
   out.update({f"data.{k}": v for k, v in getattr(data, "RANGES", {}).items()})
+  # A group's own fields (config.group.g<i>) have the ranges of the fields
+  # they set, its model's for its model fields.
+  for key in config.get("group", {}):
+    own = config_lib.group_config(config, int(key[1:]))
+    theirs = _ranges(own) if own is not config else out
+    out.update({f"group.{key}.{k}": v for k, v in theirs.items()})
   return out
 
 

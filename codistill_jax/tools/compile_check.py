@@ -52,6 +52,7 @@ from jax.experimental import topologies
 
 from codistill_jax import build
 from codistill_jax import cli
+from codistill_jax import config_lib
 from codistill_jax import data as data_lib
 from codistill_jax import mesh as mesh_lib
 from codistill_jax import perf
@@ -106,6 +107,7 @@ def _gib(n: float) -> str:
 @dataclasses.dataclass
 class Report:
   """What one device needs for one train step of one group, and how fast."""
+  group: int  # Which group's step (groups may differ: config.group).
   groups: int
   devices_per_group: int
   device_kind: str
@@ -162,8 +164,9 @@ class Report:
 
   def lines(self) -> list[str]:
     out = [
-        f"groups {self.groups} x {self.devices_per_group} {self.device_kind} "
-        f"devices, {self.teachers} stacked teacher(s), {self.params:,} params",
+        f"group {self.group} of {self.groups}: {self.devices_per_group} "
+        f"{self.device_kind} devices, {self.teachers} stacked teacher(s), "
+        f"{self.params:,} params",
         f"per device: arguments {_gib(self.argument_bytes)}, outputs "
         f"{_gib(self.output_bytes)} (aliased {_gib(self.alias_bytes)}), "
         f"temporaries {_gib(self.temp_bytes)}, code {_gib(self.code_bytes)}",
@@ -221,8 +224,16 @@ def estimated_step(compiled, cost: dict) -> tuple[float | None, int]:
   return (seconds if seconds > 0 else None), n
 
 
+def distinct_groups(config) -> list[int]:
+  """The groups whose steps differ: 0, and each group that sets fields of
+  its own (`config.group.g<i>`); the others compile as group 0."""
+  return [g for g in range(config.codistill.num_groups)
+          if g == 0 or config_lib.group_overrides(config, g)]
+
+
 def check(config, devices=None, storage_bandwidth: float = 1e9,
-          compiler_options: dict | None = None) -> Report:
+          compiler_options: dict | None = None, group: int | None = None
+          ) -> Report:
   """Compiles one group's train step for `devices` (all groups'); no compute.
 
   Args:
@@ -231,25 +242,33 @@ def check(config, devices=None, storage_bandwidth: float = 1e9,
       to a topology that is not attached.
     storage_bandwidth: bytes/s to time one publish at.
     compiler_options: passed to XLA's compile (e.g. NO_WINDOWED_EINSUM).
+    group: which group (its own model, batch, devices: `config.group`);
+      default the last (every group the same) or 0 (groups that differ).
   """
   devices = list(devices if devices is not None else jax.devices())
   groups = config.codistill.num_groups
   validate.validate(config, num_devices=len(devices))
+  sizes = mesh_lib.group_sizes(config, list(range(groups)), len(devices))
+  if group is None:
+    # Every group the same: the last one's step (libtpu's compile-only
+    # client refuses some sets that hold chip 0); groups that differ: 0.
+    group = groups - 1 if len(distinct_groups(config)) == 1 else 0
+  gconf = config_lib.group_config(config, group)
   # The slice is carved (and checked) before anything compiles: libtpu
   # aborts the whole process on some device sets.
-  group_devices = mesh_lib.slice_groups(groups, devices)[-1]
-  mesh = mesh_lib.make_mesh(group_devices, config.sharding.model_axis)
+  group_devices = mesh_lib.slice_groups(groups, devices, sizes)[group]
+  mesh = mesh_lib.make_mesh(group_devices, gconf.sharding.model_axis)
   datasets = data_lib.get_module(config.data.name).get_datasets(
-      config, group=0, num_groups=groups, process_index=0, process_count=1)
-  setup = build.build(config, datasets, mesh)
+      gconf, group=0, num_groups=groups, process_index=0, process_count=1)
+  setup = build.build(gconf, datasets, mesh)
   example = next(iter(datasets.train(0)))
   # The teacher source says what the step takes: stacked teachers (peers,
   # checkpoint) or targets in the batch (service, stored). Nothing is read.
   source = teachers.source_class(config)
-  layout = source.layout(config, setup, example)
+  layout = source.layout(config, setup, example, group)
   batch = {**build.with_shardings(example, mesh_lib.batch_sharding(mesh)),
            **layout.batch}
-  step_fn = build.train_step(config, setup, layout)
+  step_fn = build.train_step(gconf, setup, layout)
   t = time.perf_counter()
   try:
     compiled = step_fn.lower(setup.abstract, batch, *layout.args).compile(
@@ -279,6 +298,7 @@ def check(config, devices=None, storage_bandwidth: float = 1e9,
   params = jax.tree.leaves(setup.abstract.params)
   n_teachers = layout.num_teachers
   return Report(
+      group=group,
       groups=groups, devices_per_group=len(group_devices),
       device_kind=getattr(device, "device_kind", device.platform),
       teachers=n_teachers,
@@ -289,8 +309,8 @@ def check(config, devices=None, storage_bandwidth: float = 1e9,
       code_bytes=mem.generated_code_size_in_bytes,
       peak_bytes=getattr(mem, "peak_memory_in_bytes", 0) or 0,
       flops=float(cost.get("flops", 0.0)),
-      model_flops=perf.model_flops(setup.model, example, n_teachers) /
-      len(group_devices),
+      model_flops=0.0 if layout.mixed else perf.model_flops(
+          setup.model, example, n_teachers) / len(group_devices),
       compile_s=compile_s,
       unit=unit, per_step=per_step,
       step_s=step_s, uncosted_ops=uncosted, while_loops=loops,
@@ -342,14 +362,21 @@ def main(argv):
   bandwidth = parse_bytes(_BANDWIDTH.value, "--storage_bandwidth")
   if _JSON.value is not None:
     cli.check_output(_JSON.value, "--json_out")
-  report = check(_CONFIG.value, _target_devices(), bandwidth,
-                 None if _WINDOWED.value or not _TOPOLOGY.value
-                 else NO_WINDOWED_EINSUM)
-  print("\n".join(report.lines()))
+  config, devices = _CONFIG.value, _target_devices()
+  # Groups that differ (config.group) each get their own report.
+  reports = [check(config, devices, bandwidth,
+                   None if _WINDOWED.value or not _TOPOLOGY.value
+                   else NO_WINDOWED_EINSUM,
+                   group=None if len(distinct_groups(config)) == 1 else g)
+             for g in distinct_groups(config)]
+  for report in reports:
+    print("\n".join(report.lines()))
+  report = max(reports, key=lambda r: r.total_bytes)  # What must fit.
   if _JSON.value:
     try:
       with open(_JSON.value, "w") as f:
-        json.dump(report.to_json(), f, indent=2)
+        json.dump(reports[0].to_json() if len(reports) == 1 else
+                  [r.to_json() for r in reports], f, indent=2)
     except OSError as e:
       raise ConfigError(f"--json_out={_JSON.value}: cannot write it "
                         f"({e.strerror}); name a writable file") from None
