@@ -277,8 +277,9 @@ def main(argv):
           f"config.group.{config_lib.group_key(g)}.devices={own} does not "
           f"split over --processes_per_group={_PROCS.value}; use a multiple")
     devices[g] = own // _PROCS.value if own else _DEVICES.value
-    validate.validate(config, num_devices=devices[g] * _PROCS.value,
-                      groups=[g])
+    # A group's own devices are checked here; otherwise each child checks
+    # its devices when it starts.
+    validate.validate(config, num_devices=own or 1, groups=[g])
   ckpt_lib.check_workdir(workdir, config)
   logdir = paths.logs_dir(workdir)
   cli.check_output(logdir, "the log directory under --workdir",

@@ -107,7 +107,7 @@ def _gib(n: float) -> str:
 @dataclasses.dataclass
 class Report:
   """What one device needs for one train step of one group, and how fast."""
-  group: int  # Which group's step (groups may differ: config.group).
+  group: int | None  # Which group's step; None: every group is alike.
   groups: int
   devices_per_group: int
   device_kind: str
@@ -163,10 +163,11 @@ class Report:
             "fits": self.fits}
 
   def lines(self) -> list[str]:
+    who = (f"groups {self.groups} x" if self.group is None else
+           f"group {self.group} of {self.groups}:")
     out = [
-        f"group {self.group} of {self.groups}: {self.devices_per_group} "
-        f"{self.device_kind} devices, {self.teachers} stacked teacher(s), "
-        f"{self.params:,} params",
+        f"{who} {self.devices_per_group} {self.device_kind} devices, "
+        f"{self.teachers} stacked teacher(s), {self.params:,} params",
         f"per device: arguments {_gib(self.argument_bytes)}, outputs "
         f"{_gib(self.output_bytes)} (aliased {_gib(self.alias_bytes)}), "
         f"temporaries {_gib(self.temp_bytes)}, code {_gib(self.code_bytes)}",
@@ -249,10 +250,11 @@ def check(config, devices=None, storage_bandwidth: float = 1e9,
   groups = config.codistill.num_groups
   validate.validate(config, num_devices=len(devices))
   sizes = mesh_lib.group_sizes(config, list(range(groups)), len(devices))
+  alike = len(distinct_groups(config)) == 1
   if group is None:
     # Every group the same: the last one's step (libtpu's compile-only
     # client refuses some sets that hold chip 0); groups that differ: 0.
-    group = groups - 1 if len(distinct_groups(config)) == 1 else 0
+    group = groups - 1 if alike else 0
   gconf = config_lib.group_config(config, group)
   # The slice is carved (and checked) before anything compiles: libtpu
   # aborts the whole process on some device sets.
@@ -298,7 +300,7 @@ def check(config, devices=None, storage_bandwidth: float = 1e9,
   params = jax.tree.leaves(setup.abstract.params)
   n_teachers = layout.num_teachers
   return Report(
-      group=group,
+      group=None if alike else group,
       groups=groups, devices_per_group=len(group_devices),
       device_kind=getattr(device, "device_kind", device.platform),
       teachers=n_teachers,
