@@ -12,10 +12,11 @@ protocol. Each class declares:
   distills        whether the train step has a distillation term
   check_config(config)  (classmethod) the rules for the fields it uses
   layout(config, setup, batch, group)  (classmethod) what group `group`'s
-                  step is compiled for (`build.Layout`): the teachers' model (None when
-                  targets arrive in the batch), the step's extra arguments
-                  and extra batch entries, as ShapeDtypeStructs on the group's
-                  mesh; `compile_check` uses it without making a source
+                  step is compiled for (`build.Layout`; `config` is the
+                  run's): the teachers' model(s) (None when targets arrive
+                  in the batch), the step's extra arguments and extra batch
+                  entries, as ShapeDtypeStructs on the group's mesh;
+                  `compile_check` uses it without making a source
 
 and, made from a `Context` (`Sources.make`), the hooks the loop calls once
 per phase:

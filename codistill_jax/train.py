@@ -185,7 +185,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     speed = perf.Speed(unit, per_step * nproc, flops, len(devices[g]),
                        perf.peak_flops(devices[g][0]))
     run.append(Group(
-        g, gconf, datasets, state, source, train_step, build.jit_eval_step(gconf, setup),
+        g, gconf, datasets, state, source, train_step,
+        build.jit_eval_step(gconf, setup),
         build.jit_eval_step(gconf, setup, predictions=True),
         mesh_lib.batch_sharding(mesh), setup=setup, task_from=task_from,
         speed=speed,

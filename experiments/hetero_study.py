@@ -29,7 +29,6 @@ import os
 import subprocess
 import sys
 
-from absl import app
 from absl import flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,7 +1,6 @@
 """Groups that differ: per-group settings, teachers of several architectures,
 one-way and weighted teachers, groups that join and leave (docs/groups.md)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,7 +9,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -212,7 +210,8 @@ def test_alpha_0_leaves_the_big_group_exactly_as_trained_alone(tmp_path):
                       restore_params(str(tmp_path / "alone"), 20, 0))
   assert all(jax.tree.leaves(same))
   # ...while the small one learned from it.
-  assert any(r.get("distill_loss", 0) > 0 for r in _rows(tmp_path / "oneway", 1))
+  assert any(r.get("distill_loss", 0) > 0
+             for r in _rows(tmp_path / "oneway", 1))
   assert not any("distill_loss" in r for r in _rows(tmp_path / "oneway", 0))
   differ = jax.tree.map(np.array_equal,
                         restore_params(str(tmp_path / "oneway"), 20, 1),
