@@ -150,7 +150,9 @@ class MetricWriter:
     self._tb = None
     if enabled:
       os.makedirs(logdir, exist_ok=True)
-      self._tb = _summary_writer()(logdir, flush_secs=10)
+      # A deep queue: its writer thread dies silently on a full disk, and a
+      # full queue would then block the loop before the next save says so.
+      self._tb = _summary_writer()(logdir, flush_secs=10, max_queue=4096)
       path = os.path.join(logdir, "metrics.jsonl")
       _drop_torn_line(path)
       # O_APPEND and one write per line: a row is whole or absent.
@@ -160,10 +162,13 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
+    line = json.dumps({"step": int(step), "time": time.time(), **scalars})
+    # The JSONL row first: a full disk raises here, at once. TensorBoard's
+    # writer thread dies silently on one, and its bounded queue then blocks
+    # add_scalar for ever.
+    os.write(self._fd, (line + "\n").encode())
     for k, v in scalars.items():
       self._tb.add_scalar(k, v, step)
-    line = json.dumps({"step": int(step), "time": time.time(), **scalars})
-    os.write(self._fd, (line + "\n").encode())
 
   def close(self):
     if self.enabled:
