@@ -205,6 +205,7 @@ class Peers(Source):
     setup, params = ctx.setup, ctx.params
     self.group, self.storage, self.total = group, storage, ctx.total_steps
     self.every, self.blocking = cd.exchange_every, cd.exchange_blocking
+    self.publish_blocking = self.blocking  # Wait until it is committed.
     self.max_staleness, self.peer_timeout_s = (cd.max_staleness,
                                                cd.peer_timeout_s)
     self.weighting, self.weighting_t = (cd.teacher_weighting,
@@ -212,10 +213,10 @@ class Peers(Source):
     self._dead: dict[int, int] = {}  # Peer -> its newest step when given up.
     self.waited_s = 0.0  # Time spent waiting for peers (max_staleness).
     self.val_loss: float | None = None  # Own newest, published with params.
-    # Peers of each architecture (a group with alpha 0 reads none: it only
-    # publishes, e.g. the big group of live big-to-small distillation).
+    # Peers of each architecture (`_reads`: a group with alpha 0 reads
+    # none, e.g. the big group of live big-to-small distillation).
     self.run_config, self.setup = ctx.run_config or ctx.config, setup
-    self.reads = bool(cd.alpha) or self.dtype is not None
+    self.reads = self._reads(cd)
     self._teacher_dtype = self.dtype or cd.teacher_dtype
     self.archs = {h: architecture(self.run_config, h)
                   for h in range(cd.num_groups) if h != group}
@@ -251,6 +252,12 @@ class Peers(Source):
       return Layout()
     return _peers_layout(own, peer_sets(config, group, setup))
 
+  @staticmethod
+  def _reads(cd) -> bool:
+    """Whether the group reads its peers: not with alpha 0 (one-way: it
+    learns from no one and only publishes)."""
+    return bool(cd.alpha)
+
   def _reader(self, ps: "PeerSet") -> exchange.PeerReader:
     return exchange.PeerReader(self.storage.run_dir, list(ps.peers),
                                ps.abstract, self._teacher_dtype,
@@ -263,19 +270,10 @@ class Peers(Source):
     members = exchange.read_members(self.storage.run_dir)
     top = config_lib.max_groups(self.run_config)
     joined = {}
+    self._mark_left(members)
     for h, record in sorted(members.items()):
       if h == self.group or not 0 <= h < top:
         continue
-      if record.get("status") in ("left", "failed") and h not in self._left:
-        self._left.add(h)
-        self.membership_changes += 1
-        logging.warning("group %d: peer %d left the run (%s at step %s); "
-                        "its last params stay its teacher", self.group, h,
-                        record.get("status"), record.get("step"))
-      elif record.get("status") == "running" and h in self._left:
-        self._left.discard(h)
-        self.membership_changes += 1
-        logging.warning("group %d: peer %d is back", self.group, h)
       if h not in self.archs and record.get("model_name"):
         joined[h] = (record["model_name"], record.get("model") or {})
     if not joined:
@@ -303,6 +301,29 @@ class Peers(Source):
       self._window.setdefault(h, [0, 0, 0, None])
     self._new_layout = _peers_layout(
         config_lib.group_config(self.run_config, self.group), self.sets)
+
+  def _mark_left(self, members: dict[int, dict] | None = None) -> None:
+    """Peers whose manifest entry says they left (or failed) are no longer
+    waited for, and ones running again are; each change is logged.
+    `members`: the manifest already read (default: read it now)."""
+    if members is None:
+      members = exchange.read_members(self.storage.run_dir)
+    for h, record in sorted(members.items()):
+      if h == self.group:
+        continue
+      gone = record.get("status") in ("left", "failed")
+      if gone == (h in self._left):
+        continue
+      self.membership_changes += 1
+      if gone:
+        self._left.add(h)
+        logging.warning("group %d: peer %d left the run (%s at step %s); "
+                        "not waiting for it, its last params stay its "
+                        "teacher", self.group, h, record.get("status"),
+                        record.get("step"))
+      else:
+        self._left.discard(h)
+        logging.warning("group %d: peer %d is back", self.group, h)
 
   def relayout(self):
     new, self._new_layout = self._new_layout, None
@@ -342,8 +363,8 @@ class Peers(Source):
   def share(self, step, params):
     if cadence.is_time(step, self.every):
       self._timed(self.storage.publish, self.group, step, params,
-                  final=step == self.total, blocking=self.blocking,
-                  meta=self._meta())
+                  final=step == self.total,
+                  blocking=self.publish_blocking, meta=self._meta())
 
   def _meta(self) -> dict:
     """What is published with the params, for peers that weigh them."""
@@ -394,14 +415,7 @@ class Peers(Source):
                 step + self.every - 1 - s > self.max_staleness}
       if behind and time.time() - checked > 2.0:
         checked = time.time()  # Every 2 s of waiting: has one left the run?
-        for h, record in exchange.read_members(
-            self.storage.run_dir).items():
-          if h in behind and record.get("status") in ("left", "failed"):
-            self._left.add(h)
-            self.membership_changes += 1
-            logging.warning("group %d: peer %d left the run (%s at step "
-                            "%s); not waiting for it", self.group, h,
-                            record.get("status"), record.get("step"))
+        self._mark_left()
         behind = {h: s for h, s in behind.items() if h not in self._left}
       if not behind:
         break
@@ -478,6 +492,11 @@ class Averaging(Peers):
   distills = False
   dtype = jnp.float32  # The average is of the full-precision params.
 
+  @staticmethod
+  def _reads(cd) -> bool:
+    del cd
+    return True  # Every group averages with its peers (alpha is unused).
+
   @classmethod
   def check_config(cls, config):
     cd = config.codistill
@@ -502,6 +521,8 @@ class Averaging(Peers):
     config, setup = ctx.config, ctx.setup
     avg = config.codistill.averaging
     self.synchronous = avg.synchronous
+    # Peers of this very step wait for it: commit it before going on.
+    self.publish_blocking = self.synchronous
     if self.synchronous:  # Wait until every peer has published this step.
       self.max_staleness = self.every - 1
     self.quorum, self.grace_s = avg.quorum, avg.grace_s
@@ -527,12 +548,6 @@ class Averaging(Peers):
       self._wall0 = time.time()
     return ()
 
-  def share(self, step, params):
-    if cadence.is_time(step, self.every):
-      self._timed(self.storage.publish, self.group, step, params,
-                  final=step == self.total, blocking=self.synchronous,
-                  meta=self._meta())
-
   def refresh(self, step):
     if not cadence.is_time(step, self.every):
       return
@@ -554,12 +569,7 @@ class Averaging(Peers):
       newest = self.reader.newest_published()
       if time.time() - checked > 2.0:  # Has one left the run?
         checked = time.time()
-        for h, record in exchange.read_members(self.storage.run_dir).items():
-          if h in newest and record.get("status") in ("left", "failed") and (
-              h not in self._left):
-            self._left.add(h)
-            self.membership_changes += 1
-            logging.warning("group %d: peer %d left the run", self.group, h)
+        self._mark_left()
       live = [h for h in newest if h not in self._left]
       here = [h for h in live if newest[h] >= step]
       if reached is None and len(here) + 1 >= self.quorum:

@@ -129,6 +129,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # --------------------------------------------------------------------------
   run: list[Group] = []
   outputs = {}  # Each group's logits shape: one output space for all.
+  flops_of = {}  # A step's FLOPs, per kind of group.
   for g in owned:
     gconf = config_lib.group_config(config, g)  # Its model, batch, ...
     mesh = mesh_lib.make_mesh(devices[g], gconf.sharding.model_axis)
@@ -172,18 +173,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # A group that joins a running run may first learn from its peers alone.
     task_from = gconf.codistill.join_warmup_steps if g >= num_groups else 0
     train_step = build.train_step(gconf, setup, layout, task_from)
-    # Each group's own count (groups may differ in model, batch, devices):
-    # the model's own where it has one (teachers of its architecture), else
-    # XLA's.
+    # Each group's own count (groups may differ in model, batch, devices),
+    # counted once for groups alike: the model's own where it has one
+    # (teachers of its architecture), else XLA's (a lowering of the step).
     unit, per_step = perf.describe(example)
-    flops = 0 if layout.mixed else nproc * perf.model_flops(
-        setup.model, example, layout.num_teachers)
-    if not flops:
-      flops = perf.step_flops(train_step, setup.abstract, {
-          **build.with_shardings(example, mesh_lib.batch_sharding(mesh)),
-          **layout.batch}, *layout.args)
-    speed = perf.Speed(unit, per_step * nproc, flops, len(devices[g]),
-                       perf.peak_flops(devices[g][0]))
+    alike = (id(gconf), layout.num_teachers, len(devices[g]))
+    if alike not in flops_of:
+      flops = 0 if layout.mixed else nproc * perf.model_flops(
+          setup.model, example, layout.num_teachers)
+      flops_of[alike] = flops or perf.step_flops(
+          train_step, setup.abstract, {
+              **build.with_shardings(example,
+                                     mesh_lib.batch_sharding(mesh)),
+              **layout.batch}, *layout.args)
+    speed = perf.Speed(unit, per_step * nproc, flops_of[alike],
+                       len(devices[g]), perf.peak_flops(devices[g][0]))
     run.append(Group(
         g, gconf, datasets, state, source, train_step,
         build.jit_eval_step(gconf, setup),

@@ -213,6 +213,22 @@ def test_a_slice_is_carved_into_equal_blocks(name, groups, block):
 
 
 @needs_libtpu
+def test_groups_of_unequal_size_take_blocks_of_the_slice_in_order():
+  devices = _slice("v5e:4x4")
+  carved = mesh_lib.slice_groups(3, devices, sizes=[8, 4, 4])
+  assert [len(g) for g in carved] == [8, 4, 4]
+  assert sorted(d.id for g in carved for d in g) == sorted(
+      d.id for d in devices)
+  for group, block in zip(carved, [(4, 2, 1), (4, 1, 1), (4, 1, 1)]):
+    coords = np.array([d.coords for d in group])
+    assert tuple(coords.max(0) - coords.min(0) + 1) == block
+  # 6 chips after nothing are a row and a half: no block.
+  with pytest.raises(ConfigError, match=r"group 0's 6 devices \(config.group"
+                     r".g0.devices\) are not a block of the 4x4x1 slice"):
+    mesh_lib.slice_groups(2, devices, sizes=[6, 10])
+
+
+@needs_libtpu
 def test_a_group_count_the_slice_cannot_hold_names_the_ones_it_can():
   with pytest.raises(ConfigError, match=r"num_groups=3 .*use one of "
                      r"\[1, 2, 4, 8, 16\]"):
